@@ -1,0 +1,133 @@
+"""pipefork: run Jupyter code as each person's own Unix user, from one root process.
+
+The quickest way in::
+
+    from pipefork_kernel import run_as, run_cell_as
+
+    run_as("student1", whoami, args=(3,))
+    run_cell_as("student1", "import os\\nos.getuid()").outputs
+
+Both use one shared :class:`Engine`; create your own ``Engine(config=...)`` to
+change settings.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import (
+    CapacityError,
+    ChildCrashed,
+    ForkServerError,
+    PipeforkError,
+    PolicyError,
+    ProtocolError,
+    RemoteError,
+    ResultNotJSON,
+    RunTimeout,
+)
+from .outputs import relay_output
+from .runner import Engine, OutputCallback, RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapacityError",
+    "ChildCrashed",
+    "Engine",
+    "ForkServerError",
+    "PipeforkError",
+    "PolicyError",
+    "ProtocolError",
+    "RemoteError",
+    "ResultNotJSON",
+    "RunResult",
+    "RunTimeout",
+    "arun_as",
+    "arun_cell_as",
+    "get_engine",
+    "run_as",
+    "run_cell_as",
+]
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """The engine shared by the module-level functions, created on first use."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine()
+            atexit.register(_engine.close)
+        return _engine
+
+
+def run_as(
+    user: str,
+    func: Callable[..., Any],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    on_output: OutputCallback | None = relay_output,
+) -> Any:
+    """Call ``func(*args, **kwargs)`` once as ``user`` and return its (JSON) result.
+
+    Output is re-emitted here while the function runs.  Raises RemoteError if
+    the function raised, RunTimeout, ChildCrashed, PolicyError or ResultNotJSON.
+    """
+    return get_engine().run_as(
+        user, func, args, kwargs, timeout=timeout, cwd=cwd, env=env, on_output=on_output
+    )
+
+
+def run_cell_as(
+    user: str,
+    code: str,
+    *,
+    timeout: float | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    on_output: OutputCallback | None = None,
+) -> RunResult:
+    """Run cell source once as ``user`` in a fresh IPython shell; return a RunResult."""
+    return get_engine().run_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output)
+
+
+async def arun_as(
+    user: str,
+    func: Callable[..., Any],
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    on_output: OutputCallback | None = relay_output,
+) -> Any:
+    """Coroutine form of :func:`run_as`."""
+    return await get_engine().arun_as(
+        user, func, args, kwargs, timeout=timeout, cwd=cwd, env=env, on_output=on_output
+    )
+
+
+async def arun_cell_as(
+    user: str,
+    code: str,
+    *,
+    timeout: float | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    on_output: OutputCallback | None = None,
+) -> RunResult:
+    """Coroutine form of :func:`run_cell_as`."""
+    return await get_engine().arun_cell_as(
+        user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output
+    )

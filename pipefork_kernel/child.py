@@ -1,0 +1,213 @@
+"""Everything a forked child does: drop privileges, then run one payload.
+
+This module is preloaded into the fork server, and :func:`warm` exercises it
+there, so a child starts with IPython, dill and the capture machinery already
+imported and their one-time work done.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import dill
+from traitlets.config import Config
+
+from . import protocol
+from .capture import CaptureShell, FdReader, FrameSink, Flusher, StreamCapture
+from .privileges import DROP_FAILED, DropError, clean_environment, drop
+from .users import TargetUser
+
+DATA_FD = 3
+#: Figures shown in a run come back as image/png display data.
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+#: The job frame comes from root, not from the user; it may carry large arguments.
+MAX_JOB_BYTES = 1024**3
+
+_shell: CaptureShell | None = None
+
+
+def warm() -> None:
+    """Do the one-time work of a run once, in the fork server, before any fork."""
+    global _shell
+    config = Config()
+    config.HistoryManager.enabled = False
+    _shell = CaptureShell.instance(config=config)
+    _shell.run_cell("1 + 1", store_history=True)
+    _shell.run_cell("1 / 0", store_history=True)
+    _shell.reset(new_session=False)
+    dill.loads(dill.dumps((lambda x: x, (1,), {}), recurse=True))
+    json.dumps({"warm": [1.0, None, "x"]}, allow_nan=False)
+
+
+class UnreadableEnvironmentFinder:
+    """Explains a failed import when the user cannot read the Python installation.
+
+    Installed last on ``sys.meta_path`` after the drop: it is only asked when no
+    other finder found the module.
+    """
+
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        blocked = [p for p in sys.path if p and _unreadable(p)]
+        if blocked:
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r} that user {os.environ.get('USER')!r} can read: "
+                f"these import paths are not readable by that user: {', '.join(blocked[:3])}. "
+                "Install pipefork and your packages into a world-readable environment "
+                "(e.g. /usr/bin/python3 -m venv /opt/pipefork), or add the module to "
+                "ForkServer.preload_modules so it is imported before the fork.",
+                name=fullname,
+            )
+        return None
+
+
+def _unreadable(path: str) -> bool:
+    """True when the nearest ancestor this user can see blocks reading ``path``."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return not os.access(existing, os.R_OK | os.X_OK)
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _redirect_std_fds(sink: FrameSink) -> list[FdReader]:
+    """fd 0 ← /dev/null; fds 1 and 2 → pipes relayed as stream frames."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    readers = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        readers.append(FdReader(read_end, stream))
+    for reader in readers:
+        reader.start()
+    return readers
+
+
+def _finish_fd_readers(readers: list[FdReader]) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    for reader in readers:
+        reader.join(0.2)
+
+
+def run_function(sink: FrameSink, payload: str, user: str) -> str:
+    try:
+        func, args, kwargs = dill.loads(base64.b64decode(payload))
+        value = func(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - every failure is the user's to see
+        sink.send_output(
+            {
+                "type": "error",
+                "ename": type(exc).__name__,
+                "evalue": str(exc),
+                "traceback": traceback.format_exception(exc),
+            }
+        )
+        return "error"
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        sink.send_output(
+            {
+                "type": "error",
+                "ename": "ResultNotJSON",
+                "evalue": (
+                    f"the function returned a {type(value).__module__}.{type(value).__qualname__}, "
+                    f"which cannot be sent back as JSON ({exc}). Return plain dicts, lists, str, "
+                    "int, float (finite), bool or None: e.g. array.tolist(), "
+                    "dataclasses.asdict(obj), str(obj)."
+                ),
+                "traceback": [],
+            }
+        )
+        return "error"
+    sink.send({"type": "result", "value": value})
+    return "ok"
+
+
+def run_cell(shell: CaptureShell, code: str) -> str:
+    shell.execution_count = 1
+    result = shell.run_cell(code, store_history=True, silent=False)
+    return "ok" if result.success else "error"
+
+
+def _prepare(job: dict[str, Any]) -> None:
+    for entry in job.get("sys_path", []):
+        if isinstance(entry, str) and entry not in sys.path:
+            sys.path.append(entry)
+    # Directory listings cached as root would claim modules the user cannot open.
+    importlib.invalidate_caches()
+    sys.meta_path.append(UnreadableEnvironmentFinder)
+
+
+def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
+    """Entry point of a forked child; returns the exit status for ``os._exit``."""
+    _reset_signals()
+    target = TargetUser.from_json(request["user"])
+    try:
+        drop(
+            target,
+            keep_fds=[DATA_FD],
+            rlimits=request["limits"]["rlimits"],
+            parent_pid=forkserver_pid,
+        )
+    except (DropError, OSError) as exc:
+        message = f"privilege drop to {target.name!r} failed, nothing was run: {exc}"
+        try:
+            protocol.write_frame(DATA_FD, {"type": "error", "ename": "PrivilegeDropFailed",
+                                           "evalue": message, "traceback": []})
+        except OSError:
+            pass
+        return DROP_FAILED
+    os.environ.clear()
+    os.environ.update(clean_environment(target, request.get("env")))
+    os.environ.setdefault("MPLBACKEND", INLINE_BACKEND)
+    sink = FrameSink(DATA_FD, request["max_output_bytes"], request["max_frame_bytes"])
+    sys.stdout = StreamCapture(sink, "stdout")
+    sys.stderr = StreamCapture(sink, "stderr")
+    try:
+        os.chdir(request.get("cwd") or target.home)
+    except OSError as exc:
+        sink.send_output({"type": "error", "ename": "WorkingDirectoryError",
+                          "evalue": f"cannot enter the working directory as {target.name!r}: {exc}",
+                          "traceback": []})
+        sink.send({"type": "done", "status": "error"})
+        return 1
+    readers = _redirect_std_fds(sink)
+    flusher = Flusher(sink)
+    flusher.start()
+    # Only now, as the user, read the payload.
+    job = protocol.read_frame(DATA_FD, MAX_JOB_BYTES)
+    if job is None or job.get("type") != "job":
+        return 2
+    _prepare(job)
+    if job.get("kind") == "cell" and _shell is not None:
+        _shell.attach(sink, target.name)
+        status = run_cell(_shell, str(job.get("code", "")))
+    else:
+        if _shell is not None:
+            _shell.attach(sink, target.name)
+        status = run_function(sink, str(job.get("payload", "")), target.name)
+    flusher.stopped.set()
+    _finish_fd_readers(readers)
+    sink.send({"type": "done", "status": status})
+    return 0
