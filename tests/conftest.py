@@ -22,8 +22,9 @@ from traitlets.config import Config
 from pipefork_kernel import Engine
 
 IS_ROOT = os.geteuid() == 0
-USER_PREFIX = "pftest_"
-EXTRA_GROUP = "pftest_extra"
+#: Several suites may run at once on one machine (e.g. while developing): give each its own prefix.
+USER_PREFIX = os.environ.get("PIPEFORK_TEST_USER_PREFIX", "pftest_")
+EXTRA_GROUP = f"{USER_PREFIX}extra"
 
 
 def _world_readable(path: str) -> bool:
