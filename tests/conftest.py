@@ -92,8 +92,7 @@ def shared_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def make_engine(**settings) -> Engine:
-    """An engine with its own fork server; ``settings`` are ``Class__trait`` pairs."""
+def _configured_engine(settings: dict) -> Engine:
     config = Config()
     for key, value in settings.items():
         section, trait = key.split("__")
@@ -101,9 +100,26 @@ def make_engine(**settings) -> Engine:
     return Engine(config=config)
 
 
+@pytest.fixture
+def make_engine(users) -> Iterator:
+    """Factory of engines with their own fork server; settings are ``Class__trait=value``.
+
+    Every engine it made is closed (its fork server stopped) after the test.
+    """
+    made: list[Engine] = []
+
+    def factory(**settings) -> Engine:
+        made.append(_configured_engine(settings))
+        return made[-1]
+
+    yield factory
+    for eng in made:
+        eng.close()
+
+
 @pytest.fixture(scope="session")
 def engine(users) -> Iterator[Engine]:
     """One engine (and fork server) shared by the tests that need no special settings."""
-    eng = make_engine(RunLimits__default_timeout=60.0)
+    eng = _configured_engine({"RunLimits__default_timeout": 60.0})
     yield eng
     eng.close()
