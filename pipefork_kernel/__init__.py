@@ -128,6 +128,4 @@ async def arun_cell_as(
     on_output: OutputCallback | None = None,
 ) -> RunResult:
     """Coroutine form of :func:`run_cell_as`."""
-    return await get_engine().arun_cell_as(
-        user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output
-    )
+    return await get_engine().arun_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output)

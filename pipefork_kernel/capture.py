@@ -9,11 +9,13 @@ always flushed before any other frame so order is kept.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import io
 import json
 import os
 import threading
+import time
 from typing import Any
 
 from IPython.core.displayhook import DisplayHook
@@ -73,6 +75,14 @@ class FrameSink:
             protocol.write_frame(self.fd, message, self.max_frame_bytes)
 
 
+def jsonable_bundle(data: dict[str, Any]) -> dict[str, Any]:
+    """Binary reprs (``_repr_png_`` returns bytes) travel base64-encoded, as in Jupyter."""
+    return {
+        mime: base64.b64encode(value).decode() if isinstance(value, bytes) else value
+        for mime, value in data.items()
+    }
+
+
 class StreamCapture(io.TextIOBase):
     """A text stream whose writes become ``stream`` frames."""
 
@@ -82,6 +92,7 @@ class StreamCapture(io.TextIOBase):
         self.name = name
         self.buffer_parts: list[str] = []
         self.buffered = 0
+        self.last_flush = 0.0
         self.lock = threading.Lock()
         sink.streams[name] = self
 
@@ -101,8 +112,10 @@ class StreamCapture(io.TextIOBase):
         with self.lock:
             self.buffer_parts.append(text)
             self.buffered += len(text)
-            full = self.buffered >= FLUSH_BYTES
-        if full:
+            # Text after a quiet spell goes out at once (a print just before a
+            # crash is not lost); bursts are batched by the Flusher.
+            due = self.buffered >= FLUSH_BYTES or time.monotonic() - self.last_flush > FLUSH_INTERVAL
+        if due:
             self.flush()
         return len(text)
 
@@ -112,6 +125,7 @@ class StreamCapture(io.TextIOBase):
                 text = "".join(self.buffer_parts)
                 self.buffer_parts.clear()
                 self.buffered = 0
+                self.last_flush = time.monotonic()
             if text:
                 message = {"type": "stream", "name": self.name, "text": text}
                 self.sink.send_output(message, size=len(text))
@@ -164,7 +178,7 @@ class CaptureDisplayPublisher(DisplayPublisher):
             return
         message = {
             "type": "update_display_data" if update else "display_data",
-            "data": data,
+            "data": jsonable_bundle(data),
             "metadata": metadata or {},
         }
         if transient:
@@ -188,7 +202,7 @@ class CaptureDisplayHook(DisplayHook):
         pass
 
     def write_format_data(self, format_dict, md_dict=None):
-        self.pending = {"data": format_dict, "metadata": md_dict or {}}
+        self.pending = {"data": jsonable_bundle(format_dict), "metadata": md_dict or {}}
 
     def finish_displayhook(self):
         if self.sink is not None and getattr(self, "pending", None):
@@ -221,6 +235,6 @@ class CaptureShell(InteractiveShell):
                 "type": "error",
                 "ename": getattr(etype, "__name__", str(etype)),
                 "evalue": str(evalue),
-                "traceback": list(stb) + [f"(this cell ran as user {self.run_as_user!r})"],
+                "traceback": [*stb, f"(this cell ran as user {self.run_as_user!r})"],
             }
         )

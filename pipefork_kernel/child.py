@@ -20,7 +20,7 @@ import dill
 from traitlets.config import Config
 
 from . import protocol
-from .capture import CaptureShell, FdReader, FrameSink, Flusher, StreamCapture
+from .capture import CaptureShell, FdReader, Flusher, FrameSink, StreamCapture
 from .privileges import DROP_FAILED, DropError, clean_environment, drop
 from .users import TargetUser
 
@@ -39,6 +39,9 @@ def warm() -> None:
     config = Config()
     config.HistoryManager.enabled = False
     _shell = CaptureShell.instance(config=config)
+    # The profile's database (%cd history, %store, %bookmark) lives in root's
+    # private directory; a one-shot run keeps such state in memory instead.
+    _shell.db = {}
     _shell.run_cell("1 + 1", store_history=True)
     _shell.run_cell("1 / 0", store_history=True)
     _shell.reset(new_session=False)
@@ -159,6 +162,22 @@ def _prepare(job: dict[str, Any]) -> None:
     sys.meta_path.append(UnreadableEnvironmentFinder)
 
 
+def report_internal_error(exc: BaseException) -> None:
+    """Tell the parent why pipefork itself failed in the child (a bug, not user code)."""
+    try:
+        protocol.write_frame(
+            DATA_FD,
+            {
+                "type": "error",
+                "ename": "PipeforkInternalError",
+                "evalue": f"pipefork failed inside the child: {exc!r}; please report this",
+                "traceback": traceback.format_exception(exc),
+            },
+        )
+    except OSError:
+        pass
+
+
 def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
     """Entry point of a forked child; returns the exit status for ``os._exit``."""
     _reset_signals()
@@ -166,15 +185,16 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
     try:
         drop(
             target,
-            keep_fds=[DATA_FD],
+            keep_fds=[0, 1, 2, DATA_FD],
             rlimits=request["limits"]["rlimits"],
             parent_pid=forkserver_pid,
         )
     except (DropError, OSError) as exc:
         message = f"privilege drop to {target.name!r} failed, nothing was run: {exc}"
         try:
-            protocol.write_frame(DATA_FD, {"type": "error", "ename": "PrivilegeDropFailed",
-                                           "evalue": message, "traceback": []})
+            protocol.write_frame(
+                DATA_FD, {"type": "error", "ename": "PrivilegeDropFailed", "evalue": message, "traceback": []}
+            )
         except OSError:
             pass
         return DROP_FAILED
@@ -187,11 +207,16 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
     try:
         os.chdir(request.get("cwd") or target.home)
     except OSError as exc:
-        sink.send_output({"type": "error", "ename": "WorkingDirectoryError",
-                          "evalue": f"cannot enter the working directory as {target.name!r}: {exc}",
-                          "traceback": []})
+        sink.send_output(
+            {
+                "type": "error",
+                "ename": "WorkingDirectoryError",
+                "evalue": f"cannot enter the working directory as {target.name!r}: {exc}",
+                "traceback": [],
+            }
+        )
         sink.send({"type": "done", "status": "error"})
-        return 1
+        return 0
     readers = _redirect_std_fds(sink)
     flusher = Flusher(sink)
     flusher.start()

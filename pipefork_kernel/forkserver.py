@@ -236,7 +236,7 @@ class ForkServerLoop:
         tasks = os.listdir("/proc/self/task")
         if len(tasks) != 1:
             raise RuntimeError(f"fork server has {len(tasks)} threads; refusing to fork")
-        from .child import DATA_FD, child_main
+        from .child import DATA_FD, child_main, report_internal_error
 
         forkserver_pid = os.getpid()
         gc.freeze()
@@ -249,6 +249,8 @@ class ForkServerLoop:
                     os.dup2(devnull, fd)
                 os.dup2(data_fd, DATA_FD)
                 status = child_main(request, forkserver_pid)
+            except BaseException as exc:  # noqa: BLE001 - report, then exit no matter what
+                report_internal_error(exc)
             finally:
                 os._exit(status)
         self.state.forks += 1

@@ -57,10 +57,11 @@ def new_session_keyring() -> None:
 
 def close_fds_except(keep: Iterable[int]) -> None:
     """Close every fd but ``keep``: close-on-exec does nothing without exec."""
-    keep = sorted(set(keep))
     low = 0
-    for fd in keep:
-        os.closerange(low, fd)
+    for fd in sorted(set(keep)):
+        # os.closerange(n, n) is not a no-op on every Python: skip empty ranges.
+        if low < fd:
+            os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 

@@ -49,6 +49,8 @@ OutputCallback = Callable[[dict[str, Any]], None]
 DRAIN_GRACE = 2.0
 #: Room above the output budget for the child's own "output dropped" notice.
 NOTICE_SLACK = 4096
+#: Errors the child reports about pipefork itself (not user code) before it exits.
+CHILD_FAILURES = ("PrivilegeDropFailed", "PipeforkInternalError")
 
 
 @dataclass
@@ -281,7 +283,10 @@ class Engine(LoggingConfigurable):
 
     async def _pump(self, reader: asyncio.StreamReader, state: _RunState) -> None:
         while True:
-            frame = await protocol.aread_frame(reader, self.limits.max_frame_bytes)
+            try:
+                frame = await protocol.aread_frame(reader, self.limits.max_frame_bytes)
+            except ConnectionResetError:
+                return  # the child exited without reading all of its job: an end, not garbage
             if frame is None:
                 return
             state.frame(protocol.validate_child_frame(frame))
@@ -319,7 +324,7 @@ class Engine(LoggingConfigurable):
             }
         elif state.done_status is None or result.exit_code != 0:
             result.status = "crashed"
-            if result.error is None or result.error["ename"] != "PrivilegeDropFailed":
+            if result.error is None or result.error["ename"] not in CHILD_FAILURES:
                 result.error = {"ename": "ChildCrashed", "evalue": describe_exit(result), "traceback": []}
         else:
             result.status = state.done_status
