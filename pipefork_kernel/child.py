@@ -58,7 +58,7 @@ class UnreadableEnvironmentFinder:
 
     @staticmethod
     def find_spec(fullname, path=None, target=None):
-        blocked = [p for p in sys.path if p and _unreadable(p)]
+        blocked = [p for p in sys.path if p and unreadable_path(p)]
         if blocked:
             raise ModuleNotFoundError(
                 f"No module named {fullname!r} that user {os.environ.get('USER')!r} can read: "
@@ -71,7 +71,7 @@ class UnreadableEnvironmentFinder:
         return None
 
 
-def _unreadable(path: str) -> bool:
+def unreadable_path(path: str) -> bool:
     """True when the nearest ancestor this user can see blocks reading ``path``."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):

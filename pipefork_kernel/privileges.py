@@ -67,9 +67,13 @@ def close_fds_except(keep: Iterable[int]) -> None:
 
 
 def apply_rlimits(rlimits: dict[str, int]) -> None:
+    """Set soft and hard limits; never above an existing hard limit (non-root can't raise it)."""
     for name, value in rlimits.items():
         which = getattr(resource, name)
         limit = value if value > 0 or name == "RLIMIT_CORE" else resource.RLIM_INFINITY
+        _, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and (limit == resource.RLIM_INFINITY or limit > hard):
+            limit = hard
         resource.setrlimit(which, (limit, limit))
 
 
