@@ -49,6 +49,7 @@ __all__ = [
     "arun_as",
     "arun_cell_as",
     "get_engine",
+    "relay_output",
     "run_as",
     "run_cell_as",
 ]

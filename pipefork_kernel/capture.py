@@ -112,9 +112,10 @@ class StreamCapture(io.TextIOBase):
         with self.lock:
             self.buffer_parts.append(text)
             self.buffered += len(text)
-            # Text after a quiet spell goes out at once (a print just before a
-            # crash is not lost); bursts are batched by the Flusher.
-            due = self.buffered >= FLUSH_BYTES or time.monotonic() - self.last_flush > FLUSH_INTERVAL
+            # A line ending after a quiet spell goes out at once (a print just
+            # before a crash is not lost); bursts are batched by the Flusher.
+            quiet = time.monotonic() - self.last_flush > FLUSH_INTERVAL
+            due = self.buffered >= FLUSH_BYTES or (quiet and "\n" in text)
         if due:
             self.flush()
         return len(text)
