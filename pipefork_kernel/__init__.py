@@ -14,6 +14,7 @@ change settings.
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,14 @@ __all__ = [
     "run_cell_as",
 ]
 
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext pipefork_kernel``: the ``%%run_as`` / ``%run_as`` magics."""
+    from .magics import RunAsMagics
+
+    ipython.register_magics(RunAsMagics)
+
+
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
 
@@ -70,7 +79,7 @@ def get_engine() -> Engine:
 
 def run_as(
     user: str,
-    func: Callable[..., Any],
+    func: Callable[..., Any] | None = None,
     args: tuple = (),
     kwargs: dict[str, Any] | None = None,
     *,
@@ -83,10 +92,25 @@ def run_as(
 
     Output is re-emitted here while the function runs.  Raises RemoteError if
     the function raised, RunTimeout, ChildCrashed, PolicyError or ResultNotJSON.
+
+    Without ``func`` it is a decorator: each call of the decorated function
+    runs as ``user``::
+
+        @run_as("student1", timeout=10)
+        def check(path): ...
     """
-    return get_engine().run_as(
-        user, func, args, kwargs, timeout=timeout, cwd=cwd, env=env, on_output=on_output
-    )
+    options = {"timeout": timeout, "cwd": cwd, "env": env, "on_output": on_output}
+    if func is None:
+
+        def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(function)
+            def as_user(*call_args: Any, **call_kwargs: Any) -> Any:
+                return get_engine().run_as(user, function, call_args, call_kwargs, **options)
+
+            return as_user
+
+        return decorate
+    return get_engine().run_as(user, func, args, kwargs, **options)
 
 
 def run_cell_as(
@@ -97,9 +121,13 @@ def run_cell_as(
     cwd: str | None = None,
     env: dict[str, str] | None = None,
     on_output: OutputCallback | None = None,
+    push: dict[str, Any] | None = None,
+    pull: list[str] | None = None,
 ) -> RunResult:
     """Run cell source once as ``user`` in a fresh IPython shell; return a RunResult."""
-    return get_engine().run_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output)
+    return get_engine().run_cell_as(
+        user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output, push=push, pull=pull
+    )
 
 
 async def arun_as(
@@ -127,6 +155,8 @@ async def arun_cell_as(
     cwd: str | None = None,
     env: dict[str, str] | None = None,
     on_output: OutputCallback | None = None,
+    push: dict[str, Any] | None = None,
+    pull: list[str] | None = None,
 ) -> RunResult:
     """Coroutine form of :func:`run_cell_as`."""
     return await get_engine().arun_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output)

@@ -147,10 +147,42 @@ def run_function(sink: FrameSink, payload: str, user: str) -> str:
     return "ok"
 
 
-def run_cell(shell: CaptureShell, code: str) -> str:
+def run_cell(sink: FrameSink, shell: CaptureShell, job: dict[str, Any]) -> str:
     shell.execution_count = 1
-    result = shell.run_cell(code, store_history=True, silent=False)
+    if job.get("push"):
+        try:
+            shell.user_ns.update(dill.loads(base64.b64decode(job["push"])))
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the user's to see
+            sink.send_output(
+                {
+                    "type": "error",
+                    "ename": "PushError",
+                    "evalue": f"the pushed variables could not be loaded as this user: {exc!r}",
+                    "traceback": [],
+                }
+            )
+            return "error"
+    result = shell.run_cell(str(job.get("code", "")), store_history=True, silent=False)
+    if job.get("pull"):
+        sink.send({"type": "result", "value": pulled(shell.user_ns, job["pull"])})
     return "ok" if result.success else "error"
+
+
+def pulled(namespace: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The JSON-compatible values of ``names``; the rest are reported, not sent."""
+    values, missing, not_json = {}, [], {}
+    for name in names:
+        if name not in namespace:
+            missing.append(name)
+            continue
+        value = namespace[name]
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            not_json[name] = f"{type(value).__module__}.{type(value).__qualname__}"
+        else:
+            values[name] = value
+    return {"values": values, "missing": missing, "not_json": not_json}
 
 
 def _prepare(job: dict[str, Any]) -> None:
@@ -227,7 +259,7 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
     _prepare(job)
     if job.get("kind") == "cell" and _shell is not None:
         _shell.attach(sink, target.name)
-        status = run_cell(_shell, str(job.get("code", "")))
+        status = run_cell(sink, _shell, job)
     else:
         if _shell is not None:
             _shell.attach(sink, target.name)

@@ -11,6 +11,10 @@ from __future__ import annotations
 class PipeforkError(Exception):
     """Base class for everything pipefork raises."""
 
+    def _render_traceback_(self) -> list[str]:
+        # In IPython the message is the whole story; pipefork's frames are noise.
+        return [f"{type(self).__name__}: {self}"]
+
 
 class PolicyError(PipeforkError):
     """The target user is refused: unknown, privileged, denied, or not allowed.
@@ -57,6 +61,12 @@ class RemoteError(PipeforkError):
     def __str__(self) -> str:
         lines = "\n".join(self.traceback)
         return f"{self.args[0]}\n{lines}" if lines else self.args[0]
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [line.rstrip("\n") for line in self.traceback] or [f"{self.ename}: {self.evalue}"]
+        if not any(self.user in line for line in lines[-1:]):
+            lines.append(f"(raised while running as {self.user!r})")
+        return lines
 
 
 class ResultNotJSON(PipeforkError):

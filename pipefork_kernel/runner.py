@@ -175,12 +175,18 @@ class Engine(LoggingConfigurable):
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         on_output: OutputCallback | None = None,
+        push: dict[str, Any] | None = None,
+        pull: list[str] | None = None,
     ) -> RunResult:
-        """Run cell source once in a fresh IPython shell as ``user``."""
-        if not isinstance(code, str):
-            raise TypeError(f"code must be a str, not {type(code).__name__}")
-        job = {"type": "job", "kind": "cell", "code": code}
-        return await self.arun(user, job, timeout=timeout, cwd=cwd, env=env, on_output=on_output)
+        """Run cell source once in a fresh IPython shell as ``user``.
+
+        ``push`` puts variables into the cell's namespace (dill, loaded only by
+        the child); ``pull`` names variables to bring back, JSON-compatible
+        ones only: ``result.result`` is then ``{"values", "missing", "not_json"}``.
+        """
+        return await self.arun(
+            user, cell_job(code, push, pull), timeout=timeout, cwd=cwd, env=env, on_output=on_output
+        )
 
     async def arun_as(
         self,
@@ -341,10 +347,13 @@ class Engine(LoggingConfigurable):
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         on_output: OutputCallback | None = None,
+        push: dict[str, Any] | None = None,
+        pull: list[str] | None = None,
     ) -> RunResult:
         """Blocking form of :meth:`arun_cell_as`."""
+        job = cell_job(code, push, pull)
         return run_sync(
-            lambda emit: self.arun_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=emit),
+            lambda emit: self.arun(user, job, timeout=timeout, cwd=cwd, env=env, on_output=emit),
             on_output,
         )
 
@@ -371,6 +380,23 @@ class Engine(LoggingConfigurable):
     def close(self) -> None:
         """Stop the fork server (runs in progress are killed)."""
         self.forkserver.stop()
+
+
+def cell_job(code: str, push: dict[str, Any] | None, pull: list[str] | None) -> dict[str, Any]:
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str, not {type(code).__name__}")
+    job: dict[str, Any] = {"type": "job", "kind": "cell", "code": code}
+    if push:
+        try:
+            job["push"] = base64.b64encode(dill.dumps(dict(push), recurse=True)).decode()
+        except Exception as exc:
+            raise PipeforkError(f"cannot serialize the pushed variables with dill: {exc}") from exc
+    if pull:
+        bad = [name for name in pull if not (isinstance(name, str) and name.isidentifier())]
+        if bad:
+            raise PipeforkError(f"cannot pull {bad!r}: give variable names")
+        job["pull"] = list(pull)
+    return job
 
 
 def function_job(func: Callable[..., Any], args: tuple, kwargs: dict[str, Any] | None) -> dict[str, Any]:
