@@ -194,20 +194,24 @@ def _prepare(job: dict[str, Any]) -> None:
     sys.meta_path.append(UnreadableEnvironmentFinder)
 
 
-def report_internal_error(exc: BaseException) -> None:
-    """Tell the parent why pipefork itself failed in the child (a bug, not user code)."""
+def report(message: dict[str, Any]) -> None:
+    """Send a frame about the child itself; the parent may already be gone."""
     try:
-        protocol.write_frame(
-            DATA_FD,
-            {
-                "type": "error",
-                "ename": "PipeforkInternalError",
-                "evalue": f"pipefork failed inside the child: {exc!r}; please report this",
-                "traceback": traceback.format_exception(exc),
-            },
-        )
+        protocol.write_frame(DATA_FD, message)
     except OSError:
         pass
+
+
+def report_internal_error(exc: BaseException) -> None:
+    """Tell the parent why pipefork itself failed in the child (a bug, not user code)."""
+    report(
+        {
+            "type": "error",
+            "ename": "PipeforkInternalError",
+            "evalue": f"pipefork failed inside the child: {exc!r}; please report this",
+            "traceback": traceback.format_exception(exc),
+        }
+    )
 
 
 def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
@@ -223,16 +227,15 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
         )
     except (DropError, OSError) as exc:
         message = f"privilege drop to {target.name!r} failed, nothing was run: {exc}"
-        try:
-            protocol.write_frame(
-                DATA_FD, {"type": "error", "ename": "PrivilegeDropFailed", "evalue": message, "traceback": []}
-            )
-        except OSError:
-            pass
+        report({"type": "error", "ename": "PrivilegeDropFailed", "evalue": message, "traceback": []})
         return DROP_FAILED
     os.environ.clear()
     os.environ.update(clean_environment(target, request.get("env")))
     os.environ.setdefault("MPLBACKEND", INLINE_BACKEND)
+    if request.get("kind") == "kernel":
+        from .kernelapp import run_kernel
+
+        return run_kernel(target, request)
     sink = FrameSink(DATA_FD, request["max_output_bytes"], request["max_frame_bytes"])
     sys.stdout = StreamCapture(sink, "stdout")
     sys.stderr = StreamCapture(sink, "stderr")

@@ -39,6 +39,8 @@ MAX_CONTROL_BYTES = 256 * 1024
 _PR_SET_CHILD_SUBREAPER = 36
 SWEEP_IDLE = 2.0
 SWEEP_BUSY = 0.2
+#: Signals a client may ask to deliver to its run's process group (interrupt, stop).
+FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGHUP})
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Run:
     """One forked child and the connection of the client that asked for it."""
 
     pid: int
+    kind: str
     conn: socket.socket | None
     user: str
     uid: int
@@ -178,12 +181,13 @@ class ForkServerLoop:
             _send(conn, self.status())
             conn.close()
             return
-        if op != "run" or len(fds) != 1:
-            raise ValueError("expected a 'run' request carrying one file descriptor")
+        if op not in ("run", "kernel") or len(fds) != 1:
+            raise ValueError("expected a 'run' or 'kernel' request carrying one file descriptor")
+        message["kind"] = op
         target = TargetUser.from_json(message["user"])
         self.policy.check(target)
-        active = sum(1 for run in self.state.runs.values() if run.uid == target.uid)
-        if active >= self.max_runs_per_user:
+        active = sum(1 for r in self.state.runs.values() if r.uid == target.uid and r.kind == "run")
+        if op == "run" and active >= self.max_runs_per_user:
             _send(
                 conn,
                 {
@@ -202,6 +206,7 @@ class ForkServerLoop:
         now = time.monotonic()
         run = Run(
             pid=pid,
+            kind=op,
             conn=conn,
             user=target.name,
             uid=target.uid,
@@ -215,7 +220,7 @@ class ForkServerLoop:
         _send(conn, {"type": "started", "pid": pid})
 
     def _client_message(self, run: Run) -> None:
-        """The client spoke or hung up: either way it wants the run gone."""
+        """A signal to deliver, or a cancel; a client that hangs up cancels its run."""
         assert run.conn is not None
         try:
             data = run.conn.recv(MAX_CONTROL_BYTES)
@@ -227,6 +232,15 @@ class ForkServerLoop:
             self.selector.unregister(run.conn)
             run.conn.close()
             run.conn = None
+        else:
+            try:
+                message = json.loads(data)
+            except ValueError:
+                message = {}
+            signum = message.get("signum") if message.get("op") == "signal" else None
+            if signum in FORWARDED_SIGNALS:
+                self._signal_group(run.pid, signum)
+                return
         run.cancelled = True
         self._signal_group(run.pid, signal.SIGKILL)
 
@@ -329,7 +343,7 @@ class ForkServerLoop:
             "reaped_orphans": self.state.reaped_orphans,
             "killed_orphans": self.state.killed_orphans,
             "active": [
-                {"pid": r.pid, "user": r.user, "uid": r.uid, "seconds": now - r.started}
+                {"pid": r.pid, "kind": r.kind, "user": r.user, "uid": r.uid, "seconds": now - r.started}
                 for r in self.state.runs.values()
             ],
             "preloaded": self.config["preload_modules"],

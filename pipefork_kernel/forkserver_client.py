@@ -29,7 +29,7 @@ class ForkServer(LoggingConfigurable):
 
     preload_modules = List(
         Unicode(),
-        default_value=["IPython", "dill", "pipefork_kernel.child"],
+        default_value=["IPython", "dill", "ipykernel.ipkernel", "pipefork_kernel.kernelapp"],
         config=True,
         help=(
             "Modules imported by the fork server before its first fork. Children share "
