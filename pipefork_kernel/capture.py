@@ -14,6 +14,7 @@ import codecs
 import io
 import json
 import os
+import selectors
 import threading
 import time
 from typing import Any
@@ -113,7 +114,7 @@ class StreamCapture(io.TextIOBase):
             self.buffer_parts.append(text)
             self.buffered += len(text)
             # A line ending after a quiet spell goes out at once (a print just
-            # before a crash is not lost); bursts are batched by the Flusher.
+            # before a crash is not lost); bursts are batched by the OutputPump.
             quiet = time.monotonic() - self.last_flush > FLUSH_INTERVAL
             due = self.buffered >= FLUSH_BYTES or (quiet and "\n" in text)
         if due:
@@ -132,41 +133,43 @@ class StreamCapture(io.TextIOBase):
                 self.sink.send_output(message, size=len(text))
 
 
-class Flusher(threading.Thread):
-    """Flushes buffered stream text every FLUSH_INTERVAL so output is live."""
+class OutputPump(threading.Thread):
+    """The child's one helper thread: relays fds 1 and 2, and flushes buffered text.
 
-    def __init__(self, sink: FrameSink):
-        super().__init__(name="pipefork-flusher", daemon=True)
+    Writes to the raw descriptors (subprocesses, C code) become stream text;
+    every FLUSH_INTERVAL, text buffered by print() is sent, so output is live.
+    """
+
+    def __init__(self, sink: FrameSink, sources: dict[int, StreamCapture]):
+        super().__init__(name="pipefork-output", daemon=True)
         self.sink = sink
-        self.stopped = threading.Event()
+        self.sources = sources
+        self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(FLUSH_INTERVAL):
-            try:
-                self.sink.flush_streams()
-            except OSError:
-                return
-
-
-class FdReader(threading.Thread):
-    """Relays what is written to a raw file descriptor into a StreamCapture."""
-
-    def __init__(self, read_fd: int, stream: StreamCapture):
-        super().__init__(name=f"pipefork-fd-{stream.name}", daemon=True)
-        self.read_fd = read_fd
-        self.stream = stream
-
-    def run(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
-            try:
-                data = os.read(self.read_fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            self.stream.write(decoder.decode(data))
-        self.stream.write(decoder.decode(b"", final=True))
+        decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in self.sources}
+        with selectors.DefaultSelector() as selector:
+            for fd in self.sources:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map():
+                ready = selector.select(FLUSH_INTERVAL)
+                for key, _ in ready:
+                    try:
+                        data = os.read(key.fd, 65536)
+                    except OSError:
+                        data = b""
+                    stream = self.sources[key.fd]
+                    if data:
+                        stream.write(decoders[key.fd].decode(data))
+                    else:
+                        stream.write(decoders[key.fd].decode(b"", final=True))
+                        selector.unregister(key.fd)
+                try:
+                    self.sink.flush_streams()
+                except OSError:
+                    return
+                if self.stopping.is_set() and not ready:
+                    return  # a grandchild still holds the pipe: stop waiting for it
 
 
 class CaptureDisplayPublisher(DisplayPublisher):

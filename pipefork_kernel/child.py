@@ -8,7 +8,6 @@ imported and their one-time work done.
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import dill
 from traitlets.config import Config
 
 from . import protocol
-from .capture import CaptureShell, FdReader, Flusher, FrameSink, StreamCapture
+from .capture import CaptureShell, FrameSink, OutputPump, StreamCapture
 from .privileges import DROP_FAILED, DropError, clean_environment, drop
 from .users import TargetUser
 
@@ -87,29 +86,30 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _redirect_std_fds(sink: FrameSink) -> list[FdReader]:
-    """fd 0 ← /dev/null; fds 1 and 2 → pipes relayed as stream frames."""
+def _capture_std_fds(sink: FrameSink) -> OutputPump:
+    """fd 0 ← /dev/null; fds 1 and 2 → pipes relayed as stream frames by one thread."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    readers = []
+    sources = {}
     for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         os.close(write_end)
-        readers.append(FdReader(read_end, stream))
-    for reader in readers:
-        reader.start()
-    return readers
+        sources[read_end] = stream
+    pump = OutputPump(sink, sources)
+    pump.start()
+    return pump
 
 
-def _finish_fd_readers(readers: list[FdReader]) -> None:
+def _finish_capture(pump: OutputPump) -> None:
+    """Close our ends of fds 1 and 2 and let the pump drain what is left."""
+    pump.stopping.set()
     devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    for reader in readers:
-        reader.join(0.2)
+    pump.join(0.2)
 
 
 def run_function(sink: FrameSink, payload: str, user: str) -> str:
@@ -189,8 +189,12 @@ def _prepare(job: dict[str, Any]) -> None:
     for entry in job.get("sys_path", []):
         if isinstance(entry, str) and entry not in sys.path:
             sys.path.append(entry)
-    # Directory listings cached as root would claim modules the user cannot open.
-    importlib.invalidate_caches()
+    # Directory listings cached as root would claim modules the user cannot open:
+    # forget them for the directories this user cannot read.
+    for entry in sys.path:
+        finder = sys.path_importer_cache.get(entry)
+        if finder is not None and not os.access(entry, os.R_OK | os.X_OK):
+            finder.invalidate_caches()
     sys.meta_path.append(UnreadableEnvironmentFinder)
 
 
@@ -229,13 +233,19 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
         message = f"privilege drop to {target.name!r} failed, nothing was run: {exc}"
         report({"type": "error", "ename": "PrivilegeDropFailed", "evalue": message, "traceback": []})
         return DROP_FAILED
+    # Only now, as the user, read the job. It comes straight from the caller: the
+    # fork server never sees it, so its memory (which every later child inherits)
+    # holds no one's code, environment or kernel key.
+    job = protocol.read_frame(DATA_FD, MAX_JOB_BYTES)
+    if job is None or job.get("type") != "job":
+        return 2
     os.environ.clear()
-    os.environ.update(clean_environment(target, request.get("env")))
+    os.environ.update(clean_environment(target, job.get("env")))
     os.environ.setdefault("MPLBACKEND", INLINE_BACKEND)
-    if request.get("kind") == "kernel":
+    if job.get("kind") == "kernel":
         from .kernelapp import run_kernel
 
-        return run_kernel(target, request)
+        return run_kernel(target, request, job)
     sink = FrameSink(DATA_FD, request["max_output_bytes"], request["max_frame_bytes"])
     sys.stdout = StreamCapture(sink, "stdout")
     sys.stderr = StreamCapture(sink, "stderr")
@@ -252,13 +262,7 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
         )
         sink.send({"type": "done", "status": "error"})
         return 0
-    readers = _redirect_std_fds(sink)
-    flusher = Flusher(sink)
-    flusher.start()
-    # Only now, as the user, read the payload.
-    job = protocol.read_frame(DATA_FD, MAX_JOB_BYTES)
-    if job is None or job.get("type") != "job":
-        return 2
+    pump = _capture_std_fds(sink)
     _prepare(job)
     if job.get("kind") == "cell" and _shell is not None:
         _shell.attach(sink, target.name)
@@ -267,7 +271,6 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
         if _shell is not None:
             _shell.attach(sink, target.name)
         status = run_function(sink, str(job.get("payload", "")), target.name)
-    flusher.stopped.set()
-    _finish_fd_readers(readers)
+    _finish_capture(pump)
     sink.send({"type": "done", "status": status})
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import traceback
@@ -48,7 +49,7 @@ def _app(connection_file: str, target: TargetUser) -> IPKernelApp:
     return IPKernelApp.instance(config=config, connection_file=connection_file)
 
 
-def run_kernel(target: TargetUser, request: dict[str, Any]) -> int:
+def run_kernel(target: TargetUser, request: dict[str, Any], job: dict[str, Any]) -> int:
     """Serve as an IPython kernel until shut down; returns the exit status."""
     cwd = request.get("cwd")
     try:
@@ -63,7 +64,7 @@ def run_kernel(target: TargetUser, request: dict[str, Any]) -> int:
             }
         )
         return 1
-    runtime, connection_file = _write_connection_file(request["connection_info"])
+    runtime, connection_file = _write_connection_file(job["connection_info"])
     try:
         app = _app(connection_file, target)
         app.initialize([])
@@ -80,6 +81,9 @@ def run_kernel(target: TargetUser, request: dict[str, Any]) -> int:
         return 1
     report({"type": "kernel_ready", "pid": os.getpid()})
     os.close(DATA_FD)
+    # jupyter_client terminates a kernel that is slow to shut down (one with
+    # children, say): exit through Python so the connection file is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         app.start()
     finally:

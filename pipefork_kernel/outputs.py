@@ -12,12 +12,20 @@ class OutputCollector:
     Consecutive stream text of the same name is merged, ``update_display_data``
     rewrites the display with the same id, and ``clear_output`` empties the list
     (at the next output when ``wait`` is true), exactly as a notebook does.
+    Stream pieces are joined once, when the list is read: appending to one
+    growing string would make a long stream quadratic.
     """
 
     def __init__(self) -> None:
-        self.outputs: list[dict[str, Any]] = []
+        self._outputs: list[dict[str, Any]] = []
+        self._stream_parts: list[str] = []
         self.display_ids: dict[str, list[int]] = {}
         self.clear_pending = False
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        self._seal_stream()
+        return self._outputs
 
     def add(self, output: dict[str, Any]) -> None:
         kind = output["output_type"]
@@ -30,23 +38,32 @@ class OutputCollector:
         if kind == "update_display_data":
             display_id = output.get("transient", {}).get("display_id")
             for index in self.display_ids.get(display_id, []):
-                self.outputs[index]["data"] = output["data"]
-                self.outputs[index]["metadata"] = output["metadata"]
+                self._outputs[index]["data"] = output["data"]
+                self._outputs[index]["metadata"] = output["metadata"]
             return
         if self.clear_pending:
             self._clear()
         stored = {k: v for k, v in output.items() if k != "transient"}
-        last = self.outputs[-1] if self.outputs else None
-        if kind == "stream" and last and last["output_type"] == "stream" and last["name"] == stored["name"]:
-            last["text"] += stored["text"]
+        last = self._outputs[-1] if self._outputs else None
+        if kind == "stream" and self._stream_parts and last and last["name"] == stored["name"]:
+            self._stream_parts.append(stored["text"])
             return
+        self._seal_stream()
         display_id = output.get("transient", {}).get("display_id")
         if display_id:
-            self.display_ids.setdefault(display_id, []).append(len(self.outputs))
-        self.outputs.append(stored)
+            self.display_ids.setdefault(display_id, []).append(len(self._outputs))
+        self._outputs.append(stored)
+        if kind == "stream":
+            self._stream_parts = [stored["text"]]
+
+    def _seal_stream(self) -> None:
+        if self._stream_parts:
+            self._outputs[-1]["text"] = "".join(self._stream_parts)
+            self._stream_parts = []
 
     def _clear(self) -> None:
-        self.outputs.clear()
+        self._outputs.clear()
+        self._stream_parts = []
         self.display_ids.clear()
         self.clear_pending = False
 

@@ -22,6 +22,7 @@ DROP_FAILED = 127
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_DUMPABLE = 4
 _KEYCTL_JOIN_SESSION_KEYRING = 1
 _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "armv7l": 311, "ppc64le": 280, "s390x": 280}
 
@@ -154,3 +155,8 @@ def drop(
     prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         raise DropError("the fork server died during the drop")
+    # Changing ids from root leaves the process non-dumpable: the user could not
+    # read its own /proc/self/* or attach their own debugger. Its memory is the
+    # fork server's image, which holds no secrets (jobs bypass the fork server),
+    # so it becomes an ordinary process of the user. Core dumps stay off (rlimit).
+    prctl(_PR_SET_DUMPABLE, 1)

@@ -106,25 +106,32 @@ class PipeforkProvisioner(LocalProvisioner):
         assert self.target is not None
         env = kwargs.get("env") or {}
         engine = get_engine()
-        info = {k: v.decode() if isinstance(v, bytes) else v for k, v in self.connection_info.items()}
         request = {
             "op": "kernel",
             "user": self.target.to_json(),
             "limits": engine.limits.to_json(),
             "timeout": None,
             "cwd": kwargs.get("cwd"),
-            "env": {key: env[key] for key in self.env_allowlist if key in env},
-            "connection_info": info,
             "max_output_bytes": engine.limits.max_output_bytes,
             "max_frame_bytes": engine.limits.max_frame_bytes,
         }
-        self.control, self.pid = await asyncio.to_thread(self._start, request)
+        # The key and environment go straight to the child, never through the fork
+        # server, whose memory every later child (of any user) inherits.
+        job = {
+            "type": "job",
+            "kind": "kernel",
+            "env": {key: env[key] for key in self.env_allowlist if key in env},
+            "connection_info": {
+                k: v.decode() if isinstance(v, bytes) else v for k, v in self.connection_info.items()
+            },
+        }
+        self.control, self.pid = await asyncio.to_thread(self._start, request, job)
         self.pgid = self.pid
         self.exit_code = None
         self.cwd = kwargs.get("cwd")
         return self.connection_info
 
-    def _start(self, request: dict[str, Any]) -> tuple[socket.socket, int]:
+    def _start(self, request: dict[str, Any], job: dict[str, Any]) -> tuple[socket.socket, int]:
         """Fork the kernel and wait for its start-up report (in a worker thread)."""
         assert self.target is not None
         control = get_engine().forkserver.connect()
@@ -138,6 +145,7 @@ class PipeforkProvisioner(LocalProvisioner):
                 raise error(reply.get("message", "the fork server refused the kernel"))
             if reply.get("type") != "started":
                 raise ForkServerError("the fork server closed the connection before starting the kernel")
+            ours.sendall(protocol.encode(job))
             ready, _, _ = select.select([ours], [], [], self.start_timeout)
             frame = protocol.read_frame(ours.fileno()) if ready else None
         except BaseException:

@@ -60,7 +60,7 @@ class RunResult:
     status: str
     user: str
     uid: int
-    outputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list, repr=False)
     error: dict[str, Any] | None = None
     result: Any = None
     exit_code: int | None = None
@@ -225,7 +225,6 @@ class Engine(LoggingConfigurable):
             "limits": self.limits.to_json(),
             "timeout": self.limits.effective_timeout(timeout),
             "cwd": cwd,
-            "env": env or {},
             "max_output_bytes": self.limits.max_output_bytes,
             "max_frame_bytes": self.limits.max_frame_bytes,
         }
@@ -246,6 +245,7 @@ class Engine(LoggingConfigurable):
                 raise error(reply.get("message", "the fork server refused the run"))
             pid = int(reply["pid"])
             reader, writer = await asyncio.open_unix_connection(sock=ours)
+            job = {**job, "env": env or {}}
             exit_report = await self._stream(loop, control, reader, writer, job, state)
         finally:
             control.close()
