@@ -1,5 +1,14 @@
-"""The root-launched Jupyter Server extension (REST API, policy, audit).
+"""pipefork's Jupyter Server extension: the root-launched broker.
 
-Not built yet: see the server-extension issue. The engine it will use is
-``pipefork_kernel.Engine``.
+Enabled on install by ``jupyter-config/jupyter_server_config.d/jupyter_server_ext.json``.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    from .app import PipeforkApp
+
+    return [{"module": "jupyter_server_ext", "app": PipeforkApp}]

@@ -29,6 +29,7 @@ from .errors import (
     RemoteError,
     ResultNotJSON,
     RunTimeout,
+    UnknownUserError,
 )
 from .outputs import relay_output
 from .runner import Engine, OutputCallback, RunResult
@@ -47,12 +48,14 @@ __all__ = [
     "ResultNotJSON",
     "RunResult",
     "RunTimeout",
+    "UnknownUserError",
     "arun_as",
     "arun_cell_as",
     "get_engine",
     "relay_output",
     "run_as",
     "run_cell_as",
+    "set_engine",
 ]
 
 
@@ -75,6 +78,14 @@ def get_engine() -> Engine:
             _engine = Engine()
             atexit.register(_engine.close)
         return _engine
+
+
+def set_engine(engine: Engine) -> None:
+    """Make ``engine`` the shared one (the server extension installs its own here,
+    so owner kernels and runs share its fork server)."""
+    global _engine
+    with _engine_lock:
+        _engine = engine
 
 
 def run_as(

@@ -239,8 +239,9 @@ def child_main(request: dict[str, Any], forkserver_pid: int) -> int:
     job = protocol.read_frame(DATA_FD, MAX_JOB_BYTES)
     if job is None or job.get("type") != "job":
         return 2
+    environment = clean_environment(target, job.get("env"))
     os.environ.clear()
-    os.environ.update(clean_environment(target, job.get("env")))
+    os.environ.update(environment)
     os.environ.setdefault("MPLBACKEND", INLINE_BACKEND)
     if job.get("kind") == "kernel":
         from .kernelapp import run_kernel

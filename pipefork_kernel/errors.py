@@ -23,6 +23,10 @@ class PolicyError(PipeforkError):
     """
 
 
+class UnknownUserError(PolicyError):
+    """No account has this name."""
+
+
 class CapacityError(PipeforkError):
     """The per-user limit of concurrent runs is reached; retry when one ends."""
 

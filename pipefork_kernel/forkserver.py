@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -72,7 +73,9 @@ class ForkServerState:
 class ForkServerLoop:
     def __init__(self, config: dict[str, Any]):
         self.config = config
-        self.policy = UserPolicy(min_uid=config["min_uid"], allow_root=config["allow_root"])
+        self.policy = UserPolicy(
+            min_uid=config["min_uid"], max_uid=config["max_uid"], allow_root=config["allow_root"]
+        )
         self.max_runs_per_user = int(config["max_runs_per_user"])
         self.owner_uid = os.getuid()
         self.state = ForkServerState()
@@ -350,6 +353,7 @@ class ForkServerLoop:
         }
 
     def shutdown(self) -> None:
+        shutil.rmtree(os.path.dirname(self.config["socket_path"]), ignore_errors=True)
         for pid in list(self.state.runs):
             self._signal_group(pid, signal.SIGKILL)
         for pid in _children(os.getpid()):

@@ -99,6 +99,7 @@ class ForkServer(LoggingConfigurable):
             "socket_path": self.socket_path,
             "preload_modules": list(self.preload_modules),
             "min_uid": self.policy.min_uid,
+            "max_uid": self.policy.max_uid,
             "allow_root": self.policy.allow_root,
             "max_runs_per_user": self.max_runs_per_user,
         }

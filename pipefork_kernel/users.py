@@ -8,16 +8,15 @@ a spoof waiting to happen.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import re
 from dataclasses import asdict, dataclass
 
-from traitlets import Bool, Int, List, Unicode
+from traitlets import Bool, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .errors import PolicyError
+from .errors import PolicyError, UnknownUserError
 
 #: POSIX portable user names (plus the common '$' suffix for machine accounts).
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
@@ -59,6 +58,10 @@ class UserPolicy(LoggingConfigurable):
         config=True,
         help="Lowest uid a run may become. System accounts live below it.",
     )
+    max_uid = Int(
+        help="Highest uid a run may become (default: UID_MAX of /etc/login.defs, else 60000). "
+        "Above it live nobody (65534) and other service accounts.",
+    ).tag(config=True)
     allow_root = Bool(
         False,
         config=True,
@@ -75,13 +78,17 @@ class UserPolicy(LoggingConfigurable):
         help="User names that may never be run as, whatever else allows them.",
     )
 
+    @default("max_uid")
+    def _default_max_uid(self) -> int:
+        return login_defs_uid_max()
+
     def resolve(self, spec: object) -> TargetUser:
         """Resolve ``spec`` to an account this policy allows, or raise PolicyError."""
         name = self._check_spec(spec)
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise PolicyError(
+            raise UnknownUserError(
                 f"no such user {name!r}: create the account first, or check the spelling"
             ) from None
         groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
@@ -111,6 +118,12 @@ class UserPolicy(LoggingConfigurable):
                 f"refusing to run as {target.name!r}: uid {target.uid} is below min_uid "
                 f"{self.min_uid} (system account); lower UserPolicy.min_uid if this is intended"
             )
+        if target.uid > self.max_uid and not (self.allow_root and target.uid == 0):
+            raise PolicyError(
+                f"refusing to run as {target.name!r}: uid {target.uid} is above max_uid "
+                f"{self.max_uid} (a service account such as nobody); raise UserPolicy.max_uid "
+                "if this is intended"
+            )
         if target.name in self.denied_users:
             raise PolicyError(f"refusing to run as {target.name!r}: it is in denied_users")
         if self.allowed_users and target.name not in self.allowed_users:
@@ -135,6 +148,19 @@ class UserPolicy(LoggingConfigurable):
         return spec
 
 
+def login_defs_uid_max(path: str = "/etc/login.defs") -> int:
+    """UID_MAX as the system's account tools see it: the top of the range for people."""
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "UID_MAX" and fields[1].isdigit():
+                    return int(fields[1])
+    except OSError:
+        pass
+    return 60000
+
+
 def current_user() -> TargetUser:
     """The account this process runs as, for same-user (non-root) runs."""
     uid = os.getuid()
@@ -144,13 +170,3 @@ def current_user() -> TargetUser:
         raise PolicyError(f"this process runs as uid {uid}, which has no passwd entry") from None
     groups = tuple(sorted(set(os.getgroups()) | {os.getgid()}))
     return TargetUser(entry.pw_name, uid, os.getgid(), groups, entry.pw_dir, entry.pw_shell)
-
-
-def group_names(gids: tuple[int, ...]) -> list[str]:
-    names = []
-    for gid in gids:
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            names.append(str(gid))
-    return names

@@ -8,6 +8,8 @@ README's test command, which builds one under /opt).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shutil
 import subprocess
@@ -25,6 +27,20 @@ IS_ROOT = os.geteuid() == 0
 #: Several suites may run at once on one machine (e.g. while developing): give each its own prefix.
 USER_PREFIX = os.environ.get("PIPEFORK_TEST_USER_PREFIX", "pftest_")
 EXTRA_GROUP = f"{USER_PREFIX}extra"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run ``async def`` tests on the current loop: the one pytest-jupyter's server uses."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    loop = pyfuncitem.funcargs.get("jp_asyncio_loop")
+    if loop is None:
+        asyncio.run(pyfuncitem.obj(**args))
+    else:
+        loop.run_until_complete(pyfuncitem.obj(**args))
+    return True
 
 
 def _world_readable(path: str) -> bool:
