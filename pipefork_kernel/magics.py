@@ -7,6 +7,7 @@ cell as they are produced, sanitized unless ``--trust-output`` is given.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -15,8 +16,11 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import clear_output, publish_display_data
 
+from . import get_engine
+from .client import RunClient
 from .errors import PipeforkError, RemoteError
 from .untrusted import sanitize_output
+from .users import current_user
 
 #: Options of the line form that take a value (they precede USER).
 VALUE_OPTIONS = ("--timeout", "--cwd", "--push", "--pull")
@@ -98,7 +102,9 @@ class RunAsMagics(Magics):
         sanitized HTML and escaped Markdown are shown. JavaScript, SVG and raw
         HTML need ``--trust-output``.
 
-        Running as another user needs this kernel to run as root.
+        Running as another user needs this kernel to run as root, or a
+        pipefork server to send the cell to: set PIPEFORK_URL (the server's
+        base URL) and PIPEFORK_TOKEN, and the server's policy decides.
         """
         if cell is None:
             options, code = split_line_form(line)
@@ -115,8 +121,6 @@ class RunAsMagics(Magics):
         return self._run(args.user, code, args, push, pull_names)
 
     def _run(self, user: str, code: str, args: Any, push: dict[str, Any], pull: list[str]) -> Any:
-        from . import get_engine
-
         shown: dict[str, Any] = {}
 
         def show(output: dict[str, Any]) -> None:
@@ -138,9 +142,15 @@ class RunAsMagics(Magics):
             elif kind == "execute_result":
                 shown["value"] = RemoteValue(output["data"], output["metadata"])
 
-        result = get_engine().run_cell_as(
-            user, code, timeout=args.timeout, cwd=args.cwd, on_output=show, push=push, pull=pull
-        )
+        client = RunClient.from_environment() if os.geteuid() != 0 else None
+        if client is not None and user != current_user().name:
+            if push or pull:
+                raise UsageError("--push and --pull need a root kernel; the REST API carries code only")
+            result = client.run_cell(code, user=user, timeout=args.timeout, cwd=args.cwd, on_output=show)
+        else:
+            result = get_engine().run_cell_as(
+                user, code, timeout=args.timeout, cwd=args.cwd, on_output=show, push=push, pull=pull
+            )
         if pull and result.result:
             self.shell.user_ns.update(result.result["values"])
         if result.status != "ok":

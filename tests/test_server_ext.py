@@ -10,6 +10,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 
 import dill
@@ -19,6 +20,8 @@ from pytest_jupyter.jupyter_core import *  # noqa: F403 - fixtures, for this mod
 from pytest_jupyter.jupyter_server import *  # noqa: F403
 from tornado.httpclient import HTTPClientError
 
+from pipefork_kernel import PolicyError
+from pipefork_kernel.client import RunClient
 from pipefork_kernel.kernelspec import SPEC_FILE
 
 #: Lives in this (the server's) process only; must never show up in a child.
@@ -357,3 +360,58 @@ async def test_identity_policy(server, jp_fetch, users, identities):
         )
     assert info.value.code == 403
     await jp_fetch("api", "kernels", kernel_id, method="DELETE", headers={"X-Test-Identity": s2})
+
+
+def server_url(http_server_client, jp_base_url) -> str:
+    return http_server_client.get_url(jp_base_url)
+
+
+async def test_python_client(server, http_server_client, jp_base_url, users):
+    client = RunClient(server_url(http_server_client, jp_base_url), server.serverapp.identity_provider.token)
+    seen = []
+    code = "import getpass\nfrom IPython.display import HTML, display\nprint(getpass.getuser())\n"
+    code += "display(HTML('<script>x()</script><i>ok</i>'))"
+    result = await asyncio.to_thread(client.run_cell, code, user=users.student2, on_output=seen.append)
+    assert result.status == "ok" and result.user == users.student2
+    assert seen[0]["text"] == f"{users.student2}\n"
+    assert seen[1]["data"]["text/html"] == "<i>ok</i>", "another user's HTML is sanitized"
+
+    def square(x):
+        return x * x
+
+    assert await asyncio.to_thread(client.run_function, square, (7,), user=users.student1) == 49
+    with pytest.raises(PolicyError, match="403"):
+        await asyncio.to_thread(client.run_cell, "1", user="root")
+
+
+async def test_magic_in_a_non_root_kernel_uses_the_server(
+    server, http_server_client, jp_base_url, users, shared_dir
+):
+    script = os.path.join(shared_dir, "magic_client.py")
+    cell = f"%%run_as {users.student2}\nimport getpass\nprint('via server', getpass.getuser())"
+    with open(script, "w") as f:
+        f.write(
+            "from IPython.core.interactiveshell import InteractiveShell\n"
+            "shell = InteractiveShell.instance()\n"
+            "shell.run_cell('%load_ext pipefork_kernel')\n"
+            f"shell.run_cell({cell!r})\n"
+        )
+    env = {
+        **os.environ,
+        "PIPEFORK_URL": server_url(http_server_client, jp_base_url),
+        "PIPEFORK_TOKEN": server.serverapp.identity_provider.token,
+    }
+    process = await asyncio.create_subprocess_exec(
+        "runuser",
+        "-u",
+        users.student1,
+        "--",
+        sys.executable,
+        script,
+        cwd=shared_dir,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert f"via server {users.student2}" in stdout.decode(), stderr.decode()
