@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ from .errors import (
     UnknownUserError,
 )
 from .outputs import relay_output
-from .runner import Engine, OutputCallback, RunResult
+from .runner import Engine, RunResult
 
 __version__ = "0.1.0"
 
@@ -88,86 +89,28 @@ def set_engine(engine: Engine) -> None:
         _engine = engine
 
 
-def run_as(
-    user: str,
-    func: Callable[..., Any] | None = None,
-    args: tuple = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    timeout: float | None = None,
-    cwd: str | None = None,
-    env: dict[str, str] | None = None,
-    on_output: OutputCallback | None = relay_output,
-) -> Any:
-    """Call ``func(*args, **kwargs)`` once as ``user`` and return its (JSON) result.
+def _on_shared_engine(method: Callable[..., Any]) -> Callable[..., Any]:
+    """The module-level twin of an ``Engine`` method, called on the shared engine."""
+    name = method.__name__
+    if inspect.iscoroutinefunction(method):
 
-    Output is re-emitted here while the function runs.  Raises RemoteError if
-    the function raised, RunTimeout, ChildCrashed, PolicyError or ResultNotJSON.
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await getattr(get_engine(), name)(*args, **kwargs)
 
-    Without ``func`` it is a decorator: each call of the decorated function
-    runs as ``user``::
+    else:
 
-        @run_as("student1", timeout=10)
-        def check(path): ...
-    """
-    options = {"timeout": timeout, "cwd": cwd, "env": env, "on_output": on_output}
-    if func is None:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(get_engine(), name)(*args, **kwargs)
 
-        def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
-            @functools.wraps(function)
-            def as_user(*call_args: Any, **call_kwargs: Any) -> Any:
-                return get_engine().run_as(user, function, call_args, call_kwargs, **options)
-
-            return as_user
-
-        return decorate
-    return get_engine().run_as(user, func, args, kwargs, **options)
+    functools.update_wrapper(call, method)
+    call.__qualname__ = name
+    call.__module__ = __name__
+    signature = inspect.signature(method)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return call
 
 
-def run_cell_as(
-    user: str,
-    code: str,
-    *,
-    timeout: float | None = None,
-    cwd: str | None = None,
-    env: dict[str, str] | None = None,
-    on_output: OutputCallback | None = None,
-    push: dict[str, Any] | None = None,
-    pull: list[str] | None = None,
-) -> RunResult:
-    """Run cell source once as ``user`` in a fresh IPython shell; return a RunResult."""
-    return get_engine().run_cell_as(
-        user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output, push=push, pull=pull
-    )
-
-
-async def arun_as(
-    user: str,
-    func: Callable[..., Any],
-    args: tuple = (),
-    kwargs: dict[str, Any] | None = None,
-    *,
-    timeout: float | None = None,
-    cwd: str | None = None,
-    env: dict[str, str] | None = None,
-    on_output: OutputCallback | None = relay_output,
-) -> Any:
-    """Coroutine form of :func:`run_as`."""
-    return await get_engine().arun_as(
-        user, func, args, kwargs, timeout=timeout, cwd=cwd, env=env, on_output=on_output
-    )
-
-
-async def arun_cell_as(
-    user: str,
-    code: str,
-    *,
-    timeout: float | None = None,
-    cwd: str | None = None,
-    env: dict[str, str] | None = None,
-    on_output: OutputCallback | None = None,
-    push: dict[str, Any] | None = None,
-    pull: list[str] | None = None,
-) -> RunResult:
-    """Coroutine form of :func:`run_cell_as`."""
-    return await get_engine().arun_cell_as(user, code, timeout=timeout, cwd=cwd, env=env, on_output=on_output)
+run_as = _on_shared_engine(Engine.run_as)
+run_cell_as = _on_shared_engine(Engine.run_cell_as)
+arun_as = _on_shared_engine(Engine.arun_as)
+arun_cell_as = _on_shared_engine(Engine.arun_cell_as)

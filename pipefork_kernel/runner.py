@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import queue
@@ -350,7 +351,10 @@ class Engine(LoggingConfigurable):
         push: dict[str, Any] | None = None,
         pull: list[str] | None = None,
     ) -> RunResult:
-        """Blocking form of :meth:`arun_cell_as`."""
+        """Run cell source once as ``user`` in a fresh IPython shell; return a RunResult.
+
+        Blocking form of :meth:`arun_cell_as`.
+        """
         job = cell_job(code, push, pull)
         return run_sync(
             lambda emit: self.arun(user, job, timeout=timeout, cwd=cwd, env=env, on_output=emit),
@@ -360,7 +364,7 @@ class Engine(LoggingConfigurable):
     def run_as(
         self,
         user: str,
-        func: Callable[..., Any],
+        func: Callable[..., Any] | None = None,
         args: tuple = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -369,7 +373,36 @@ class Engine(LoggingConfigurable):
         env: dict[str, str] | None = None,
         on_output: OutputCallback | None = relay_output,
     ) -> Any:
-        """Blocking form of :meth:`arun_as`."""
+        """Call ``func(*args, **kwargs)`` once as ``user`` and return its (JSON) result.
+
+        Output is re-emitted here while the function runs.  Raises RemoteError if
+        the function raised, RunTimeout, ChildCrashed, PolicyError or ResultNotJSON.
+
+        Without ``func`` it is a decorator: each call of the decorated function
+        runs as ``user``::
+
+            @run_as("student1", timeout=10)
+            def check(path): ...
+        """
+        if func is None:
+
+            def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+                @functools.wraps(function)
+                def as_user(*call_args: Any, **call_kwargs: Any) -> Any:
+                    return self.run_as(
+                        user,
+                        function,
+                        call_args,
+                        call_kwargs,
+                        timeout=timeout,
+                        cwd=cwd,
+                        env=env,
+                        on_output=on_output,
+                    )
+
+                return as_user
+
+            return decorate
         job = function_job(func, args, kwargs)
         result = run_sync(
             lambda emit: self.arun(user, job, timeout=timeout, cwd=cwd, env=env, on_output=emit),

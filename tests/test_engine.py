@@ -349,3 +349,21 @@ def _zombie_children(pid: int) -> list[int]:
 
 def _count_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_module_functions_use_the_shared_engine(users):
+    import pipefork_kernel
+
+    async def push_and_pull():
+        return await pipefork_kernel.arun_cell_as(users.student1, "y = x * 2", push={"x": 21}, pull=["y"])
+
+    result = asyncio.run(push_and_pull())
+    assert result.status == "ok" and result.result["values"] == {"y": 42}
+
+    @pipefork_kernel.run_as(users.student2, on_output=None)
+    def whoami():
+        import getpass
+
+        return getpass.getuser()
+
+    assert whoami() == users.student2
