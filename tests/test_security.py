@@ -802,3 +802,47 @@ def test_t15_root_session_keys_are_not_readable_from_the_child(make_engine, user
         subprocess.run(["keyctl", "unlink", key_id, "@s"], capture_output=True)
     assert code != 0 and secret not in printed, f"the child read root's session key: {printed!r}"
     assert "pfsec_key" not in shown and key_id not in shown, f"root's key is in the child's keyring: {shown}"
+
+
+def plant(user: str, relative: str, marker_dir: str, tag: str) -> None:
+    """A file in the user's home that, if executed, records which uid ran it."""
+    entry = pwd.getpwnam(user)
+    path = os.path.join(entry.pw_dir, relative)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"import os\nopen(os.path.join({marker_dir!r}, '{tag}-%d' % os.getuid()), 'w').close()\n")
+    directory = entry.pw_dir
+    for part in relative.split("/")[:-1]:
+        directory = os.path.join(directory, part)
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def test_t16_user_planted_files_never_run_as_root(make_engine, users, shared_dir):
+    """IPython startup files, usercustomize and .pth files in a user's home never run as root."""
+    user = users.student1
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    plant(user, ".ipython/profile_default/startup/00-planted.py", shared_dir, "startup")
+    plant(user, f".local/lib/{version}/site-packages/usercustomize.py", shared_dir, "usercustomize")
+    pth = os.path.join(pwd.getpwnam(user).pw_dir, f".local/lib/{version}/site-packages/planted.pth")
+    with open(pth, "w") as f:
+        f.write(f"import os; open(os.path.join({shared_dir!r}, 'pth-%d' % os.getuid()), 'w').close()\n")
+    # A module shadowing one the fork server imports, where root's cwd and
+    # PYTHONPATH point: the fork server must import nothing from there.
+    shadow_dir = os.path.join(pwd.getpwnam(user).pw_dir, "shadow")
+    plant(user, "shadow/dill.py", shared_dir, "shadow")
+    old_cwd = os.getcwd()
+    try:
+        os.chdir(shadow_dir)
+        os.environ["PYTHONPATH"] = shadow_dir
+        engine = make_engine()
+        result = engine.run_cell_as(user, "import getpass\nprint(getpass.getuser())")
+        assert result.status == "ok" and texts(result) == f"{user}\n"
+        markers = [name for name in os.listdir(shared_dir) if "-" in name]
+        assert not [m for m in markers if m.endswith("-0")], f"ran as root: {markers}"
+    finally:
+        os.chdir(old_cwd)
+        os.environ.pop("PYTHONPATH", None)
+        shutil.rmtree(shadow_dir, ignore_errors=True)
+        shutil.rmtree(os.path.join(pwd.getpwnam(user).pw_dir, ".ipython"), ignore_errors=True)
+        shutil.rmtree(os.path.join(pwd.getpwnam(user).pw_dir, ".local"), ignore_errors=True)
