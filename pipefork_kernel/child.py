@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 import dill
+from jupyter_client import localinterfaces
 from traitlets.config import Config
 
 from . import protocol
@@ -45,6 +46,8 @@ def warm() -> None:
     _shell.run_cell("1 / 0", store_history=True)
     _shell.reset(new_session=False)
     dill.loads(dill.dumps((lambda x: x, (1,), {}), recurse=True))
+    # Every kernel's connection set-up scans the network interfaces; do it once.
+    localinterfaces.localhost()
     json.dumps({"warm": [1.0, None, "x"]}, allow_nan=False)
 
 

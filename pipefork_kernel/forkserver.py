@@ -408,6 +408,8 @@ def main(argv: list[str]) -> None:
     prctl(_PR_SET_CHILD_SUBREAPER, 1)
     os.chdir("/")
     os.environ["MPLBACKEND"] = INLINE_BACKEND
+    # debugpy (preloaded for kernels) would warn about frozen modules on every start.
+    os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     for name in config["preload_modules"]:
         importlib.import_module(name)
     from . import child

@@ -29,7 +29,21 @@ class ForkServer(LoggingConfigurable):
 
     preload_modules = List(
         Unicode(),
-        default_value=["IPython", "dill", "ipykernel.ipkernel", "pipefork_kernel.kernelapp"],
+        default_value=[
+            "IPython",
+            "dill",
+            "ipykernel.ipkernel",
+            # What IPKernelApp.initialize() would otherwise import in every kernel:
+            "ipykernel.debugger",
+            "IPython.core.debugger",
+            "IPython.extensions.storemagic",
+            "psutil",
+            "sqlite3",
+            "tornado.queues",
+            "tornado.platform.asyncio",
+            "faulthandler",
+            "pipefork_kernel.kernelapp",
+        ],
         config=True,
         help=(
             "Modules imported by the fork server before its first fork. Children share "
