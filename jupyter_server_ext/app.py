@@ -23,8 +23,8 @@ import pipefork_kernel
 from pipefork_kernel import Engine, PolicyError, UnknownUserError
 from pipefork_kernel.users import TargetUser
 
+from .access import RootServerAuthorizer
 from .audit import AuditLog
-from .kernel_access import KernelAccessAuthorizer
 from .policy import Decision, RunPolicy
 
 
@@ -63,7 +63,7 @@ class PipeforkApp(ExtensionApp):
         self.audit = AuditLog(self.serverapp.event_logger, self.audit_log_path)
         self.active: dict[int, RunRecord] = {}
         self.done_by_status: collections.Counter[str] = collections.Counter()
-        self.settings["authorizer"] = KernelAccessAuthorizer(
+        self.settings["authorizer"] = RootServerAuthorizer(
             parent=self.serverapp, wrapped=self.serverapp.authorizer, pipefork=self
         )
         self.log.info("pipefork: fork server %s started", self.engine.forkserver.pid)
@@ -108,13 +108,24 @@ class PipeforkApp(ExtensionApp):
             _, owner = self.notebook_owner(path)
             name = owner
         assert name is not None
+        admin = self.is_admin(user)
+        if not admin:
+            # Decide on the name first: a refusal must not tell whether the account exists.
+            early = self.run_policy.decide(user.username, admin, name, owner)
+            if not early.allowed:
+                raise HTTPError(403, f"refused by rule {early.rule!r}: {early.reason}")
         try:
             target = self.engine.resolve(name)
         except UnknownUserError as exc:
             raise HTTPError(404, str(exc)) from None
         except PolicyError as exc:
+            if os.geteuid() != 0:
+                me = pwd.getpwuid(os.geteuid()).pw_name
+                raise HTTPError(
+                    403, f"this Jupyter server runs as {me!r}, not root, so it can run code only as {me!r}"
+                ) from None
             raise HTTPError(403, str(exc)) from None
-        decision = self.run_policy.decide(user.username, self.is_admin(user), target.name, owner)
+        decision = self.run_policy.decide(user.username, admin, target.name, owner)
         if not decision.allowed:
             raise HTTPError(403, f"refused by rule {decision.rule!r}: {decision.reason}")
         return target, decision

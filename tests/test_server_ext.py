@@ -20,6 +20,7 @@ from pytest_jupyter.jupyter_core import *  # noqa: F403 - fixtures, for this mod
 from pytest_jupyter.jupyter_server import *  # noqa: F403
 from tornado.httpclient import HTTPClientError
 
+from jupyter_server_ext.contents import NoFollowContentsManager
 from pipefork_kernel import PolicyError
 from pipefork_kernel.client import RunClient
 from pipefork_kernel.kernelspec import SPEC_FILE
@@ -75,7 +76,10 @@ def jp_server_config(audit_file, users, identities, jp_env_jupyter_path):
     kernels.mkdir(parents=True, exist_ok=True)
     shutil.copy(SPEC_FILE, kernels / "kernel.json")
     config = {
-        "ServerApp": {"jpserver_extensions": {"jupyter_server_ext": True}},
+        "ServerApp": {
+            "jpserver_extensions": {"jupyter_server_ext": True},
+            "contents_manager_class": NoFollowContentsManager,
+        },
         "PipeforkApp": {"audit_log_path": audit_file},
         "RunPolicy": {"admin_identities": ["teacher"]},
     }
@@ -415,3 +419,70 @@ async def test_magic_in_a_non_root_kernel_uses_the_server(
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
     assert f"via server {users.student2}" in stdout.decode(), stderr.decode()
+
+
+def as_identity(name: str) -> dict[str, str]:
+    return {"X-Test-Identity": name}
+
+
+async def expect_status(jp_fetch, code: int, *parts, **kwargs) -> str:
+    with pytest.raises(HTTPClientError) as info:
+        await jp_fetch(*parts, **kwargs)
+    assert info.value.code == code, info.value
+    return json.loads(info.value.response.body or b"{}").get("message", "")
+
+
+@pytest.mark.parametrize("identities", [True])
+async def test_non_admins_get_nothing_that_runs_as_root(server, jp_fetch, users, identities, jp_root_dir):
+    """Terminals, stock kernels and other people's files run as root: not for non-admins."""
+    s1, s2 = users.student1, users.student2
+    me = as_identity(s1)
+    message = await expect_status(jp_fetch, 403, "api", "terminals", method="POST", body="{}", headers=me)
+    assert "admin" in message
+    kernel = json.dumps({"name": "python3"})
+    message = await expect_status(jp_fetch, 403, "api", "kernels", method="POST", body=kernel, headers=me)
+    assert "pipefork" in message
+    secret = os.path.join(jp_root_dir, "root-only.txt")
+    with open(secret, "w") as f:
+        f.write("root's")
+    os.chmod(secret, 0o600)
+    await expect_status(jp_fetch, 403, "api", "contents", "root-only.txt", headers=me)
+    await expect_status(jp_fetch, 403, "api", "contents", s2, "hw.ipynb", headers=me)
+    note = json.dumps({"type": "file", "format": "text", "content": "hi"})
+    await expect_status(jp_fetch, 403, "api", "contents", s2, "new.txt", method="PUT", body=note, headers=me)
+    own = await jp_fetch("api", "contents", s1, "hw.ipynb", headers=me)
+    assert json.loads(own.body)["type"] == "notebook"
+    listing = await jp_fetch("api", "contents", headers=me)
+    assert {item["name"] for item in json.loads(listing.body)["content"]} >= {s1, s2}
+    saved = await jp_fetch("api", "contents", s1, "new.txt", method="PUT", body=note, headers=me)
+    assert json.loads(saved.body)["name"] == "new.txt"
+    # A refusal does not reveal whether an account exists.
+    await expect_error(jp_fetch, {"user": "pftest_nobody_like_this", "code": "1"}, 403, "rule", identity=s1)
+
+
+async def test_root_server_does_not_follow_planted_links(server, jp_fetch, users, jp_root_dir, shared_dir):
+    """A student's symlink to a root-only file is neither read nor written through, checkpoints too."""
+    s1 = users.student1
+    entry = pwd.getpwnam(s1)
+    target = os.path.join(shared_dir, "root-target.txt")
+    with open(target, "w") as f:
+        f.write("untouched")
+    os.chmod(target, 0o600)
+    link = os.path.join(jp_root_dir, s1, "link.txt")
+    os.symlink(target, link)
+    os.lchown(link, entry.pw_uid, entry.pw_gid)
+    await expect_status(jp_fetch, 403, "api", "contents", s1, "link.txt")
+    note = json.dumps({"type": "file", "format": "text", "content": "overwritten"})
+    await expect_status(jp_fetch, 403, "api", "contents", s1, "link.txt", method="PUT", body=note)
+    with open(target) as f:
+        assert f.read() == "untouched"
+
+    private = os.path.join(shared_dir, "root-private-dir")
+    os.mkdir(private, 0o700)
+    checkpoints = os.path.join(jp_root_dir, s1, ".ipynb_checkpoints")
+    os.symlink(private, checkpoints)
+    os.lchown(checkpoints, entry.pw_uid, entry.pw_gid)
+    await expect_status(
+        jp_fetch, 403, "api", "contents", s1, "hw.ipynb", "checkpoints", method="POST", body=""
+    )
+    assert os.listdir(private) == []
