@@ -18,23 +18,18 @@ import asyncio
 import contextlib
 import json
 import os
-import pwd
-import signal
-import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import benchlib
+from benchlib import PYTHON, Row, check_ok, make_engine, progress
 from traitlets.config import Config
 
-from pipefork_kernel import Engine, RunResult
+from pipefork_kernel import Engine
 
-PYTHON = "/opt/pipefork/bin/python"
 THROWAWAY_USER = "pfbench_user"
-MS = 1000.0
 MB = 1_000_000
 MiB = 1024 * 1024
 #: Issue goals: run_as within 3x of a bare fork, a fresh ``runuser`` process at least 50x slower.
@@ -67,43 +62,7 @@ def trivial() -> int:
     return 1
 
 
-# --- statistics -------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the table: ``samples`` are seconds, or rates when the unit ends in ``/s``."""
-
-    label: str
-    samples: list[float]
-    unit: str
-
-    @property
-    def is_rate(self) -> bool:
-        return self.unit.endswith("/s")
-
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def p90(self) -> float:
-        """The slow end: the 90th percentile of time, which for a rate is its 10th percentile."""
-        if len(self.samples) < 2:
-            return self.samples[0]
-        deciles = statistics.quantiles(self.samples, n=10, method="inclusive")
-        return deciles[0] if self.is_rate else deciles[8]
-
-    def markdown(self) -> str:
-        scale = 1.0 if self.is_rate else MS
-        median, p90 = _fmt(self.median() * scale), _fmt(self.p90() * scale)
-        return f"| {self.label} | {len(self.samples)} | {median} | {p90} | {self.unit} |"
-
-
-def _fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
+# --- timing -----------------------------------------------------------------------------
 
 
 def _timed(func: Callable[[], Any], warmup: int, repeat: int) -> list[float]:
@@ -164,19 +123,13 @@ def runuser_python(user: str) -> None:
 # --- pipefork ---------------------------------------------------------------------------
 
 
-def check_cell(result: RunResult) -> None:
-    """A run that failed would time the failure path: refuse to report it."""
-    if result.status != "ok":
-        raise SystemExit(f"benchmark run failed: {result.status} {result.error}")
-
-
 async def throughput(engine: Engine, user: str, concurrency: int, total: int) -> float:
     """runs/s of ``total`` cells with at most ``concurrency`` in flight, on one engine."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
         async with gate:
-            check_cell(await engine.arun_cell_as(user, "1+1"))
+            check_ok(await engine.arun_cell_as(user, "1+1"))
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(total)))
@@ -205,7 +158,7 @@ def stream_pipefork(engine: Engine, user: str, total_bytes: int) -> float:
     start = time.perf_counter()
     result = engine.run_cell_as(user, stream_cell(total_bytes), on_output=count)
     elapsed = time.perf_counter() - start
-    check_cell(result)
+    check_ok(result)
     if received != total_bytes // 1024 * 1024:
         raise SystemExit(f"streamed {received} bytes, expected {total_bytes}: output was dropped")
     return received / MB / elapsed
@@ -235,43 +188,6 @@ def stream_raw_pipe(total_bytes: int, chunk: int = 64 * 1024) -> float:
     if received != total_bytes:
         raise SystemExit(f"raw pipe moved {received} bytes, expected {total_bytes}")
     return received / MB / elapsed
-
-
-# --- users and engines ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def bench_user(name: str | None) -> Iterator[str]:
-    """The given user, or a throwaway one created now and removed afterwards (even on Ctrl-C)."""
-    if name is not None:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            raise SystemExit(f"no such user: {name!r}") from None
-        yield name
-        return
-    try:
-        pwd.getpwnam(THROWAWAY_USER)
-    except KeyError:
-        pass
-    else:
-        # Never delete an account this run did not create.
-        raise SystemExit(
-            f"user {THROWAWAY_USER!r} already exists (another benchmark is running, or a killed one "
-            f"left it): pass --user NAME, or remove it with `userdel -r {THROWAWAY_USER}`"
-        )
-    subprocess.run(["useradd", "-m", THROWAWAY_USER], check=True)
-    try:
-        yield THROWAWAY_USER
-    finally:
-        subprocess.run(["userdel", "-r", THROWAWAY_USER], check=False, capture_output=True)
-
-
-def make_engine(stack: contextlib.ExitStack, config: Config | None = None) -> Engine:
-    """An engine (with its own fork server) closed with the stack, so none outlives the script."""
-    engine = Engine(config=config or Config())
-    stack.callback(engine.close)
-    return engine
 
 
 # --- the measurements -------------------------------------------------------------------
@@ -304,7 +220,7 @@ def latency_rows(stack: contextlib.ExitStack, args: argparse.Namespace, user: st
     progress("run_cell_as")
     rows["run_cell_as"] = Row(
         "(3) `engine.run_cell_as(user, '1+1')`",
-        _timed(lambda: check_cell(engine.run_cell_as(user, "1+1")), args.warmup, args.repeat),
+        _timed(lambda: check_ok(engine.run_cell_as(user, "1+1")), args.warmup, args.repeat),
         "ms",
     )
     progress("runuser")
@@ -340,7 +256,7 @@ def stream_rows(stack: contextlib.ExitStack, args: argparse.Namespace, user: str
     config.RunLimits.max_output_bytes = total_bytes + MiB
     config.RunLimits.default_timeout = STREAM_TIMEOUT
     engine = make_engine(stack, config)
-    check_cell(engine.run_cell_as(user, "1+1"))
+    check_ok(engine.run_cell_as(user, "1+1"))
     pipe = _within_budget(lambda: stream_raw_pipe(total_bytes), args.stream_repeat, args.stream_budget)
     loud = _within_budget(
         lambda: stream_pipefork(engine, user, total_bytes), args.stream_repeat, args.stream_budget
@@ -351,31 +267,19 @@ def stream_rows(stack: contextlib.ExitStack, args: argparse.Namespace, user: str
     ]
 
 
-def progress(text: str) -> None:
-    """Progress goes to stderr so stdout is only the report, ready to paste."""
-    print(f"... {text}", file=sys.stderr, flush=True)
-
-
 def report(latency: dict[str, Row], others: list[Row], args: argparse.Namespace, user: str) -> None:
-    print(
-        f"pipefork engine benchmark: user {user}, {os.cpu_count()} CPUs, "
-        f"python {sys.version.split()[0]}, warmup {args.warmup}\n"
-    )
-    print("| measurement | n | median | p90 | unit |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for row in [*latency.values(), *others]:
-        print(row.markdown())
-    print()
+    benchlib.print_headline("pipefork engine benchmark", user, args.warmup)
+    benchlib.print_table([*latency.values(), *others])
     run_as = latency["run_as"].median()
     fork_ratio = run_as / latency["fork"].median()
     runuser_ratio = latency["runuser"].median() / run_as
     print(
         f"- run_as / bare fork = {fork_ratio:.1f}x (goal ≤ {GOAL_RUN_AS_OVER_FORK:g}x): "
-        f"{'met' if fork_ratio <= GOAL_RUN_AS_OVER_FORK else 'NOT met'}"
+        f"{benchlib.verdict(fork_ratio <= GOAL_RUN_AS_OVER_FORK)}"
     )
     print(
         f"- runuser / run_as = {runuser_ratio:.1f}x (goal ≥ {GOAL_RUNUSER_OVER_RUN_AS:g}x): "
-        f"{'met' if runuser_ratio >= GOAL_RUNUSER_OVER_RUN_AS else 'NOT met'}"
+        f"{benchlib.verdict(runuser_ratio >= GOAL_RUNUSER_OVER_RUN_AS)}"
     )
     print(
         f"- for context, no goal: run_as / fork of an IPython-sized process (1b) = "
@@ -412,11 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("run this as root: it switches users (and may create one)")
-    # SIGTERM unwinds like Ctrl-C, so fork servers stop and the throwaway user is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with bench_user(args.user) as user, contextlib.ExitStack() as engines:
+    # SIGTERM then stops the fork servers and removes the throwaway user, as Ctrl-C does.
+    benchlib.start_as_root("it switches users (and may create one)")
+    with benchlib.bench_user(args.user, THROWAWAY_USER) as user, contextlib.ExitStack() as engines:
         latency = latency_rows(engines, args, user)
         others = throughput_rows(engines, args, user) + stream_rows(engines, args, user)
         progress("closing engines")

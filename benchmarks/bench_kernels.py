@@ -21,15 +21,14 @@ import os
 import pwd
 import queue
 import shutil
-import signal
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import benchlib
+from benchlib import Row, progress
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
@@ -38,7 +37,6 @@ import pipefork_kernel
 THROWAWAY_USER = "pfbench_kernel"
 STOCK, PIPEFORK = "python3", "pipefork"
 KINDS = (STOCK, PIPEFORK)
-MS = 1000.0
 KiB_PER_MiB = 1024
 #: Issue goals: a start at most a quarter of a stock one, execute within 10%, half the memory.
 GOAL_START_FRACTION = 0.25
@@ -48,40 +46,6 @@ GOAL_MEMORY_FRACTION = 0.5
 TRIVIAL_CELLS = ("1+1", "x = [i * i for i in range(100)]", "print(sum(x))")
 #: Seconds for a kernel to answer; far above any healthy figure, so only a hang hits it.
 TIMEOUT = 60.0
-
-
-# --- statistics -------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the table: ``samples`` are seconds (shown in ms) or MiB."""
-
-    label: str
-    samples: list[float]
-    unit: str
-
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def p90(self) -> float:
-        """The slow (or big) end: the 90th percentile."""
-        if len(self.samples) < 2:
-            return self.samples[0]
-        return statistics.quantiles(self.samples, n=10, method="inclusive")[8]
-
-    def markdown(self) -> str:
-        scale = MS if self.unit == "ms" else 1.0
-        median, p90 = _fmt(self.median() * scale), _fmt(self.p90() * scale)
-        return f"| {self.label} | {len(self.samples)} | {median} | {p90} | {self.unit} |"
-
-
-def _fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 # --- kernels ----------------------------------------------------------------------------
@@ -209,34 +173,7 @@ def smaps_rollup(pid: int) -> dict[str, float]:
     }
 
 
-# --- users and files --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def bench_user(name: str | None) -> Iterator[str]:
-    """The given user, or a throwaway one created now and removed afterwards (even on Ctrl-C)."""
-    if name is not None:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            raise SystemExit(f"no such user: {name!r}") from None
-        yield name
-        return
-    try:
-        pwd.getpwnam(THROWAWAY_USER)
-    except KeyError:
-        pass
-    else:
-        # Never delete an account this run did not create.
-        raise SystemExit(
-            f"user {THROWAWAY_USER!r} already exists (another benchmark is running, or a killed one "
-            f"left it): pass --user NAME, or remove it with `userdel -r {THROWAWAY_USER}`"
-        )
-    subprocess.run(["useradd", "-m", THROWAWAY_USER], check=True)
-    try:
-        yield THROWAWAY_USER
-    finally:
-        subprocess.run(["userdel", "-r", THROWAWAY_USER], check=False, capture_output=True)
+# --- files ------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -311,11 +248,6 @@ def measure(args: argparse.Namespace, notebook: str) -> tuple[float, dict[str, S
     return cold.first_reply, samples, forkserver
 
 
-def progress(text: str) -> None:
-    """Progress goes to stderr so stdout is only the report, ready to paste."""
-    print(f"... {text}", file=sys.stderr, flush=True)
-
-
 def report(
     cold: float,
     samples: dict[str, Samples],
@@ -349,29 +281,22 @@ def report(
     if forkserver:
         rows["fs_uss"] = Row("(3c) fork server USS, paid once for all kernels", [forkserver["uss"]], "MiB")
         rows["fs_rss"] = Row("(3c) fork server RSS", [forkserver["rss"]], "MiB")
-    print(
-        f"pipefork owner kernel benchmark: user {user}, {os.cpu_count()} CPUs, "
-        f"python {sys.version.split()[0]}, warmup {args.warmup}\n"
-    )
-    print("| measurement | n | median | p90 | unit |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for row in rows.values():
-        print(row.markdown())
-    print()
+    benchlib.print_headline("pipefork owner kernel benchmark", user, args.warmup)
+    benchlib.print_table(rows.values())
     start_ratio = rows["start_pf"].median() / rows["start_stock"].median()
     exec_ratio = rows["exec_pf"].median() / rows["exec_stock"].median()
     mem_ratio = rows["uss_pf"].median() / rows["uss_stock"].median()
     print(
         f"- pipefork start / stock start = {start_ratio:.3f} (goal ≤ {GOAL_START_FRACTION:g}): "
-        f"{'met' if start_ratio <= GOAL_START_FRACTION else 'NOT met'}"
+        f"{benchlib.verdict(start_ratio <= GOAL_START_FRACTION)}"
     )
     print(
         f"- pipefork execute / stock execute = {exec_ratio:.3f} (goal ≤ {GOAL_EXECUTE_SLOWDOWN:g}): "
-        f"{'met' if exec_ratio <= GOAL_EXECUTE_SLOWDOWN else 'NOT met'}"
+        f"{benchlib.verdict(exec_ratio <= GOAL_EXECUTE_SLOWDOWN)}"
     )
     print(
         f"- pipefork idle USS / stock idle USS = {mem_ratio:.3f} (goal ≤ {GOAL_MEMORY_FRACTION:g}): "
-        f"{'met' if mem_ratio <= GOAL_MEMORY_FRACTION else 'NOT met'}"
+        f"{benchlib.verdict(mem_ratio <= GOAL_MEMORY_FRACTION)}"
     )
     cold_ratio = cold / rows["start_stock"].median()
     pss_ratio = rows["pss_pf"].median() / rows["pss_stock"].median()
@@ -405,11 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("run this as root: it forks kernels as another user (and may create one)")
-    # SIGTERM unwinds like Ctrl-C, so kernels and the fork server stop and the throwaway user is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with bench_user(args.user) as user, notebook_of(user) as notebook:
+    # SIGTERM then stops the kernels and the fork server and removes the throwaway user, as Ctrl-C does.
+    benchlib.start_as_root("it forks kernels as another user (and may create one)")
+    with benchlib.bench_user(args.user, THROWAWAY_USER) as user, notebook_of(user) as notebook:
         try:
             cold, samples, forkserver = measure(args, notebook)
         finally:

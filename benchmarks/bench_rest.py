@@ -24,14 +24,12 @@ import http.client
 import itertools
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,16 +37,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import benchlib
 import jupyter_server
 import tornado
+from benchlib import MS, PYTHON, Row, check_ok, make_engine, progress
 from traitlets.config import Config
 
 from pipefork_kernel import Engine, RunResult
 
-PYTHON = "/opt/pipefork/bin/python"
 THROWAWAY_USER = "pfbench_rest"
 CODE = "1+1"
-MS = 1000.0
 #: Issue goal: a REST run at most this many milliseconds over the direct call.
 GOAL_REST_OVERHEAD_MS = 3.0
 #: Seconds for the server to answer ``GET /api/status`` after it was started.
@@ -57,45 +55,6 @@ START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 #: Seconds one HTTP request may take: far above any healthy figure, so only a hang hits it.
 HTTP_TIMEOUT = 60.0
-
-
-# --- statistics -------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the table: ``samples`` are seconds, or rates when the unit ends in ``/s``."""
-
-    label: str
-    samples: list[float]
-    unit: str
-
-    @property
-    def is_rate(self) -> bool:
-        return self.unit.endswith("/s")
-
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    def p90(self) -> float:
-        """The slow end: the 90th percentile of time, which for a rate is its 10th percentile."""
-        if len(self.samples) < 2:
-            return self.samples[0]
-        deciles = statistics.quantiles(self.samples, n=10, method="inclusive")
-        return deciles[0] if self.is_rate else deciles[8]
-
-    def markdown(self) -> str:
-        scale = 1.0 if self.is_rate else MS
-        median, p90 = _fmt(self.median() * scale), _fmt(self.p90() * scale)
-        return f"| {self.label} | {len(self.samples)} | {median} | {p90} | {self.unit} |"
-
-
-def _fmt(value: float) -> str:
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
 
 
 # --- the server -------------------------------------------------------------------------
@@ -301,9 +260,8 @@ class RestClient:
 
 
 def check_cell(result: RunResult) -> float:
-    """A run that failed would time the failure path: refuse to report it. Returns its duration."""
-    if result.status != "ok":
-        raise SystemExit(f"benchmark run failed: {result.status} {result.error}")
+    """:func:`benchlib.check_ok`, and the cell's value must be 2. Returns the run's duration."""
+    check_ok(result)
     if not any(out.get("data", {}).get("text/plain") == "2" for out in result.outputs):
         raise SystemExit(f"direct run did not return 2: {result.outputs}")
     return result.duration
@@ -442,42 +400,7 @@ def throughput_rows(
     ], connections
 
 
-# --- users ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def bench_user(name: str | None) -> Iterator[str]:
-    """The given user, or a throwaway one created now and removed afterwards (even on Ctrl-C)."""
-    if name is not None:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            raise SystemExit(f"no such user: {name!r}") from None
-        yield name
-        return
-    try:
-        pwd.getpwnam(THROWAWAY_USER)
-    except KeyError:
-        pass
-    else:
-        # Never delete an account this run did not create.
-        raise SystemExit(
-            f"user {THROWAWAY_USER!r} already exists (another benchmark is running, or a killed one "
-            f"left it): pass --user NAME, or remove it with `userdel -r {THROWAWAY_USER}`"
-        )
-    subprocess.run(["useradd", "-m", THROWAWAY_USER], check=True)
-    try:
-        yield THROWAWAY_USER
-    finally:
-        subprocess.run(["userdel", "-r", THROWAWAY_USER], check=False, capture_output=True)
-
-
 # --- report -----------------------------------------------------------------------------
-
-
-def progress(text: str) -> None:
-    """Progress goes to stderr so stdout is only the report, ready to paste."""
-    print(f"... {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -496,10 +419,11 @@ def report(latency: Latency, throughput: list[Row], context: Context, args: argp
     rows = latency.rows
     rest, whoami, arun, sync = rows["rest"], rows["whoami"], rows["arun"], rows["sync"]
     rest_rate, direct_rate = throughput
-    print(
-        f"pipefork REST benchmark: user {context.user}, {os.cpu_count()} CPUs, "
-        f"python {sys.version.split()[0]}, jupyter_server {jupyter_server.__version__}, "
-        f"tornado {tornado.version}, warmup {args.warmup}\n"
+    benchlib.print_headline(
+        "pipefork REST benchmark",
+        context.user,
+        args.warmup,
+        [f"jupyter_server {jupyter_server.__version__}", f"tornado {tornado.version}"],
     )
     print(
         f"Two fork servers: the Jupyter Server's (pid {context.server_forkserver}) serves rows 1 and 4, "
@@ -508,15 +432,11 @@ def report(latency: Latency, throughput: list[Row], context: Context, args: argp
         f"{context.latency_connections} for the {context.latency_requests} requests of rows 1 and 1b, "
         f"{context.throughput_connections} for the {args.concurrency} clients of row 4.\n"
     )
-    print("| measurement | n | median | p90 | unit |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for row in [*rows.values(), *throughput]:
-        print(row.markdown())
-    print()
+    benchlib.print_table([*rows.values(), *throughput])
     overhead = (rest.median() - arun.median()) * MS
     print(
         f"- REST overhead = (1) - (2) = {overhead:.2f} ms (goal ≤ {GOAL_REST_OVERHEAD_MS:g} ms): "
-        f"{'met' if overhead <= GOAL_REST_OVERHEAD_MS else 'NOT met'}"
+        f"{benchlib.verdict(overhead <= GOAL_REST_OVERHEAD_MS)}"
     )
     print(
         f"- same, paired by round: median {statistics.median(latency.paired) * MS:.2f} ms, "
@@ -564,20 +484,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        raise SystemExit("run this as root: it starts a root Jupyter Server (and may create a user)")
-    # SIGTERM unwinds like Ctrl-C, so the server and fork servers stop and the user is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM then stops the server and the fork servers and removes the user, as Ctrl-C does.
+    benchlib.start_as_root("it starts a root Jupyter Server (and may create a user)")
     config = Config()
     # As on the server: one user carries every concurrent run, so the per-user cap must allow them.
     config.ForkServer.max_runs_per_user = args.concurrency
-    with bench_user(args.user) as user:
+    with benchlib.bench_user(args.user, THROWAWAY_USER) as user:
         with contextlib.ExitStack() as stack:
             progress("starting a Jupyter Server with the pipefork extension")
             server = stack.enter_context(jupyter_server_running(args.concurrency))
             progress(f"server up on port {server.port}; starting this script's own engine")
-            engine = Engine(config=config)
-            stack.callback(engine.close)
+            engine = make_engine(stack, config)
             client = RestClient(server, user)
             stack.callback(client.close)
             progress("latency: REST run, REST whoami, arun_cell_as and run_cell_as, interleaved")
