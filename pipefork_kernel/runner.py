@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -270,13 +271,17 @@ class Engine(LoggingConfigurable):
         try:
             await asyncio.wait({pump, exited}, return_when=asyncio.FIRST_COMPLETED)
             if pump.done() and pump.exception() is not None:
-                state.protocol_error = str(pump.exception())
-                control.send(json.dumps({"op": "cancel"}).encode())
+                # Bad frames, or our own on_output failing: either way the run must stop.
+                with contextlib.suppress(OSError):
+                    control.send(json.dumps({"op": "cancel"}).encode())
             report = await exited
             if not pump.done():
                 await asyncio.wait({pump}, timeout=DRAIN_GRACE)
-            if pump.done() and pump.exception() is not None and state.protocol_error is None:
-                state.protocol_error = str(pump.exception())
+            failure = pump.exception() if pump.done() else None
+            if isinstance(failure, ProtocolError):
+                state.protocol_error = str(failure)
+            elif failure is not None:
+                raise failure  # the caller's on_output raised: that is the caller's error
             return report or {"type": "lost"}
         except asyncio.CancelledError:
             # The caller gave up (interrupt, disconnect): the fork server kills the run
@@ -519,7 +524,8 @@ def run_sync(start: Callable[[OutputCallback], Any], on_output: OutputCallback |
                 break
             if on_output is not None:
                 on_output(item)
-    except KeyboardInterrupt:
+    except BaseException:
+        # Interrupted (the stop button), or on_output failed: the run ends with us.
         if "task" in holder:
             holder["loop"].call_soon_threadsafe(holder["task"].cancel)
         thread.join()

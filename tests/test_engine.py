@@ -367,3 +367,17 @@ def test_module_functions_use_the_shared_engine(users):
         return getpass.getuser()
 
     assert whoami() == users.student2
+
+
+def test_a_failing_output_callback_stops_the_run_and_is_raised(engine, users):
+    """The caller's own on_output error is the caller's, not a protocol error, and ends the run."""
+
+    def explode(output):
+        raise RuntimeError("display is broken")
+
+    with pytest.raises(RuntimeError, match="display is broken"):
+        engine.run_cell_as(users.student1, "print('x')\nimport time; time.sleep(30)", on_output=explode)
+    deadline = time.monotonic() + 5
+    while engine.forkserver.status()["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.forkserver.status()["active"] == [], "the run went on without its caller"
