@@ -20,7 +20,7 @@ from tornado.web import HTTPError
 from traitlets import Float, Int, Unicode
 
 import pipefork_kernel
-from pipefork_kernel import Engine, PolicyError, UnknownUserError
+from pipefork_kernel import Engine, PipeforkError, PolicyError, UnknownUserError
 from pipefork_kernel.users import TargetUser
 
 from .access import RootServerAuthorizer
@@ -134,9 +134,12 @@ class PipeforkApp(ExtensionApp):
         forkserver = self.engine.forkserver
         report: dict[str, Any] = {"running": forkserver.running(), "pid": forkserver.pid}
         if forkserver.running():
-            report.update(
-                {k: v for k, v in forkserver.status().items() if k not in ("type", "pid", "preloaded")}
-            )
+            try:
+                details = forkserver.status()
+            except PipeforkError as exc:
+                report.update(running=False, error=str(exc))
+            else:
+                report.update({k: v for k, v in details.items() if k not in ("type", "pid", "preloaded")})
         report["restarts"] = forkserver.restarts
         now = time.time()
         user_policy = self.engine.policy

@@ -127,7 +127,8 @@ class StreamCapture(io.TextIOBase):
                 text = "".join(self.buffer_parts)
                 self.buffer_parts.clear()
                 self.buffered = 0
-                self.last_flush = time.monotonic()
+                if text:
+                    self.last_flush = time.monotonic()
             if text:
                 message = {"type": "stream", "name": self.name, "text": text}
                 self.sink.send_output(message, size=len(text))

@@ -224,7 +224,8 @@ class ForkServerLoop:
 
     def _client_message(self, run: Run) -> None:
         """A signal to deliver, or a cancel; a client that hangs up cancels its run."""
-        assert run.conn is not None
+        if run.conn is None:
+            return  # the run ended earlier in this same batch of events
         try:
             data = run.conn.recv(MAX_CONTROL_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -306,6 +307,7 @@ class ForkServerLoop:
         run.conn.setblocking(True)
         _send(run.conn, report)
         run.conn.close()
+        run.conn = None
 
     @staticmethod
     def _signal_group(pgid: int, signum: int) -> None:

@@ -178,8 +178,14 @@ class ForkServer(LoggingConfigurable):
     def status(self) -> dict[str, Any]:
         """The fork server's own report: pid, forks, threads, fds, children, active runs."""
         with self.connect() as sock:
-            sock.send(json.dumps({"op": "status"}).encode())
-            return json.loads(sock.recv(MAX_REPLY_BYTES))
+            try:
+                sock.send(json.dumps({"op": "status"}).encode())
+                reply = sock.recv(MAX_REPLY_BYTES)
+            except OSError as exc:
+                raise ForkServerError(f"the fork server went away during a status request: {exc}") from None
+        if not reply:
+            raise ForkServerError("the fork server went away during a status request")
+        return json.loads(reply)
 
     async def astatus(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.status)

@@ -176,7 +176,11 @@ def validate_child_frame(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_nbformat(frame: dict[str, Any]) -> dict[str, Any]:
-    """Turn a validated output frame into the dict a notebook stores."""
-    output = {k: v for k, v in frame.items() if k not in ("type", "transient")}
+    """Turn a validated output frame into an nbformat output.
+
+    ``transient`` (the display id) is kept for whoever relays it live; the
+    notebook's stored form drops it (see OutputCollector).
+    """
+    output = {k: v for k, v in frame.items() if k != "type"}
     output["output_type"] = frame["type"]
     return output

@@ -12,6 +12,7 @@ connection, which also ties the kernel's life to this provisioner's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -182,8 +183,13 @@ class PipeforkProvisioner(LocalProvisioner):
         if report.get("type") == "exited":
             code = report.get("exit_code")
             self.exit_code = code if code is not None else -int(report.get("signal") or signal.SIGKILL)
-        else:  # the fork server went away, and its kernels with it
+        else:
+            # The fork server went away: PR_SET_PDEATHSIG took the kernel itself, not
+            # what it started; the rest of its process group goes now.
             self.exit_code = -signal.SIGKILL
+            if self.pgid:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pgid, signal.SIGKILL)
         return self.exit_code
 
     async def wait(self) -> int | None:

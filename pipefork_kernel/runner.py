@@ -234,11 +234,17 @@ class Engine(LoggingConfigurable):
         started = time.monotonic()
         control = await asyncio.to_thread(self.forkserver.connect)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
         try:
             with theirs:
-                socket.send_fds(control, [json.dumps(request).encode()], [theirs.fileno()])
+                try:
+                    socket.send_fds(control, [json.dumps(request).encode()], [theirs.fileno()])
+                except OSError as exc:
+                    raise ForkServerError(
+                        f"the fork server went away before the run started ({exc}); retry: "
+                        "the next run restarts it"
+                    ) from None
             control.setblocking(False)
-            loop = asyncio.get_running_loop()
             reply = await _recv_json(loop, control)
             if reply is None:
                 raise ForkServerError("the fork server closed the connection before starting the run")
@@ -250,8 +256,13 @@ class Engine(LoggingConfigurable):
             job = {**job, "env": env or {}}
             exit_report = await self._stream(loop, control, reader, writer, job, state)
         finally:
-            control.close()
+            _close(loop, control)
             ours.close()
+        if exit_report["type"] == "lost":
+            # The fork server died: PR_SET_PDEATHSIG took the run's first process, not
+            # the rest of its process group.  We may signal it: same user, or root.
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
         return self._result(state, exit_report, pid, time.monotonic() - started)
 
     async def _stream(
@@ -286,7 +297,7 @@ class Engine(LoggingConfigurable):
         except asyncio.CancelledError:
             # The caller gave up (interrupt, disconnect): the fork server kills the run
             # when we hang up.
-            control.close()
+            _close(loop, control)
             raise
         finally:
             for task in (sender, pump, exited):
@@ -487,6 +498,17 @@ def unwrap(result: RunResult, timeout: float | None) -> Any:
     if error["ename"] == "ProtocolError":
         raise ProtocolError(error["evalue"])
     raise RemoteError(error["ename"], error["evalue"], error["traceback"], result.user)
+
+
+def _close(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Close a socket the loop may still watch (a cancelled sock_recv unregisters late).
+
+    Closing it while registered would leave the fd number watched: the next socket
+    to get that number would never be woken.
+    """
+    if sock.fileno() != -1:
+        loop.remove_reader(sock.fileno())
+        sock.close()
 
 
 async def _recv_json(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> dict[str, Any] | None:
