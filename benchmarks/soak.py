@@ -1055,6 +1055,7 @@ class Outcome:
     ended: float
     phase: str
     problem: str | None = None
+    ename: str | None = None
 
     @property
     def latency(self) -> float:
@@ -1217,6 +1218,7 @@ class Soak:
             time.monotonic(),
             phase,
         )
+        outcome.ename = reply.ename
         outcome.problem = judge(kind, spec, reply)
         if outcome.problem and reply.status in kind.expected:
             outcome.status = "wrong_output"
@@ -1311,7 +1313,12 @@ class Soak:
             before = await self.rest.status()
             old = before["forkserver"]["pid"]
             os.kill(old, signal.SIGKILL)
-            self.kill = {"old": old, "time": time.monotonic(), "active": len(before["runs"]["active"])}
+            self.kill = {
+                "old": old,
+                "time": time.monotonic(),
+                "active": len(before["runs"]["active"]),
+                "restarts_before": before["forkserver"]["restarts"],
+            }
             await pool_run
             self.kill["survivors"] = await self.survivors(pool.uid, timeout=5.0)
         finally:
@@ -1507,8 +1514,9 @@ def under_kill(outcome: Outcome, kill: dict[str, Any]) -> bool:
     when = kill.get("time")
     if when is None or outcome.key.startswith("engine:"):
         return False
-    excused = KILLED_UNDER_IT - outcome.expected
-    return outcome.started <= when <= outcome.ended and outcome.raw in excused
+    # A crash kind also ends "crashed" under the kill, but as ForkServerLost, not its own crash.
+    excused = outcome.raw in KILLED_UNDER_IT - outcome.expected or outcome.ename == "ForkServerLost"
+    return outcome.started <= when <= outcome.ended and excused
 
 
 def run_rows(report: Report, outcomes: list[Outcome], kill: dict[str, Any]) -> None:
@@ -1564,12 +1572,13 @@ def kill_row(report: Report, kill: dict[str, Any], outcomes: list[Outcome]) -> N
         report.add("fork server SIGKILL mid-soak", "killed once, restarted", "never killed", False)
         return
     hit = sum(1 for o in outcomes if under_kill(o, kill))
-    restarted = kill.get("new") not in (None, kill["old"]) and kill.get("restarts") == 1
+    once = (kill.get("restarts") or 0) - kill["restarts_before"]
+    restarted = kill.get("new") not in (None, kill["old"]) and once == 1
     observed = (
-        f"pid {kill['old']} -> {kill.get('new')}, restarts={kill.get('restarts')}, "
+        f"pid {kill['old']} -> {kill.get('new')}, restarted {once}x, "
         f"{kill['active']} REST runs going, {hit} ended crashed/500 (†)"
     )
-    report.add("fork server SIGKILL mid-soak", "new pid on next request, restarts=1", observed, restarted)
+    report.add("fork server SIGKILL mid-soak", "new pid on next request, once", observed, restarted)
     survivors = kill.get("survivors")
     report.add(
         "fork server SIGKILL: subprocesses of a run it had forked",
@@ -1578,6 +1587,22 @@ def kill_row(report: Report, kill: dict[str, Any], outcomes: list[Outcome]) -> N
         + (" (killed by the harness)" if survivors else ""),
         survivors == 0,
     )
+
+
+def crash_row(report: Report, status: dict[str, Any], kill: dict[str, Any], engine: Any) -> None:
+    """Fork servers that died by themselves: every run they had going died with them."""
+    server = status["forkserver"]["restarts"] - (1 if kill else 0)
+    own = engine.forkserver.restarts
+    report.add(
+        "fork server crashes (restarts besides the kill)",
+        "server 0, engine 0",
+        f"server {server}, engine {own}",
+        not (server or own),
+    )
+    if own:
+        report.problems.append(
+            ("engine fork server", f"died {own} times by itself; its traceback is on stderr")
+        )
 
 
 def leak_rows(report: Report, before: Snapshot, after: Snapshot, config: SoakConfig, samples: list) -> None:
@@ -1778,6 +1803,7 @@ def run(config: SoakConfig) -> Report:
             volume_row(report, config, soak.outcomes, soak.elapsed)
             run_rows(report, soak.outcomes, soak.kill)
             kill_row(report, soak.kill, soak.outcomes)
+            crash_row(report, status, soak.kill, engine)
             latency_rows(report, soak.outcomes, config.max_p99)
             leak_rows(report, before, after, config, soak.samples)
             temp_rows(report, world_, live, "after the soak")

@@ -131,6 +131,15 @@ class PipeforkApp(ExtensionApp):
         return target, decision
 
     def status(self) -> dict[str, Any]:
+        """The status report; safe off the event loop's thread.
+
+        The handler calls it in a worker thread (the fork server query blocks)
+        while the loop adds and ends runs: take the run tables in one step each
+        (list()/dict() of a dict do not let other threads in), then work on the
+        copies.
+        """
+        active = list(self.active.values())
+        by_status = dict(self.done_by_status)
         forkserver = self.engine.forkserver
         report: dict[str, Any] = {"running": forkserver.running(), "pid": forkserver.pid}
         if forkserver.running():
@@ -148,10 +157,10 @@ class PipeforkApp(ExtensionApp):
             "runs": {
                 "active": [
                     {"identity": r.identity, "user": r.user, "kind": r.kind, "seconds": now - r.started}
-                    for r in self.active.values()
+                    for r in active
                 ],
-                "done": sum(self.done_by_status.values()),
-                "by_status": dict(self.done_by_status),
+                "done": sum(by_status.values()),
+                "by_status": by_status,
             },
             "policy": {
                 **self.run_policy.describe(),

@@ -47,8 +47,8 @@ from .outputs import OutputCollector, relay_output
 from .users import TargetUser, UserPolicy, current_user
 
 OutputCallback = Callable[[dict[str, Any]], None]
-#: How long to keep reading after the child exited, for frames still in the pipe.
-DRAIN_GRACE = 2.0
+#: After the child exited, how long the pipe may stay quiet before we stop reading it.
+DRAIN_GRACE = 5.0
 #: Room above the output budget for the child's own "output dropped" notice.
 NOTICE_SLACK = 4096
 #: Errors the child reports about pipefork itself (not user code) before it exits.
@@ -97,6 +97,7 @@ class _RunState:
         self.result: Any = None
         self.error: dict[str, Any] | None = None
         self.protocol_error: str | None = None
+        self.frames = 0
 
     def output(self, frame: dict[str, Any]) -> None:
         output = protocol.to_nbformat(frame)
@@ -119,6 +120,7 @@ class _RunState:
             self.on_output(output)
 
     def frame(self, frame: dict[str, Any]) -> None:
+        self.frames += 1
         if self.done_status is not None:
             raise ProtocolError(f"the child sent a {frame['type']!r} frame after 'done'")
         kind = frame["type"]
@@ -286,7 +288,12 @@ class Engine(LoggingConfigurable):
                 with contextlib.suppress(OSError):
                     control.send(json.dumps({"op": "cancel"}).encode())
             report = await exited
-            if not pump.done():
+            # Frames may still be in the pipe (a busy loop reads them late): keep
+            # reading while they come; a pipe held open by an escaped process but
+            # quiet for DRAIN_GRACE ends the wait.
+            seen = -1
+            while not pump.done() and state.frames != seen:
+                seen = state.frames
                 await asyncio.wait({pump}, timeout=DRAIN_GRACE)
             failure = pump.exception() if pump.done() else None
             if isinstance(failure, ProtocolError):

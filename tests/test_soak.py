@@ -10,6 +10,7 @@ soak's report).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -253,3 +255,42 @@ def test_a_fork_server_dying_before_the_request_is_a_fork_server_error(make_engi
         engine.run_cell_as(users.student1, "1")
     engine.forkserver.connect = connect
     assert engine.run_cell_as(users.student1, "print(1)").status == "ok", "the next run restarts it"
+
+
+def test_status_survives_runs_changing_under_it():
+    from jupyter_server_ext.app import PipeforkApp, RunRecord
+
+    forkserver = types.SimpleNamespace(running=lambda: False, pid=None, restarts=0, max_runs_per_user=16)
+    policy = types.SimpleNamespace(min_uid=1000, allow_root=False, allowed_users=[], denied_users=[])
+    app = types.SimpleNamespace(
+        engine=types.SimpleNamespace(forkserver=forkserver, policy=policy),
+        active={},
+        done_by_status=collections.Counter(),
+        run_policy=types.SimpleNamespace(describe=dict),
+        default_timeout=60.0,
+        max_timeout=3600.0,
+        max_request_bytes=1,
+    )
+    stop = threading.Event()
+
+    def event_loop_side() -> None:
+        """What the handlers do on the loop thread: runs start and end all the time."""
+        serial = 0
+        while not stop.is_set():
+            app.active[serial] = RunRecord("someone", "user", "code")
+            app.active.pop(serial - 8, None)
+            app.done_by_status["ok"] += 1
+            serial += 1
+
+    churn = threading.Thread(target=event_loop_side)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a busy server does
+    churn.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            PipeforkApp.status(app)
+    finally:
+        stop.set()
+        churn.join()
+        sys.setswitchinterval(interval)
