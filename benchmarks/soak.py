@@ -63,6 +63,8 @@ PNG_1X1 = base64.b64decode(
 )
 #: Statuses a run may also end with when the fork server was SIGKILLed while it was going.
 KILLED_UNDER_IT = frozenset({"crashed", "http_500", "engine:ForkServerError"})
+#: Seconds after the fork-server kill in which a new request may still meet the dying one.
+KILL_WINDOW = 1.0
 #: The multi-process run at the fork-server kill: sleepers recognizable by their argument.
 POOL_SLEEP, POOL_SIZE = 611, 3
 #: Where runs might leave files behind as the test users.
@@ -1510,13 +1512,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def under_kill(outcome: Outcome, kill: dict[str, Any]) -> bool:
-    """A REST run that was going when the fork server was SIGKILLed may end crashed or 500."""
+    """A REST run going when the fork server was SIGKILLed may end crashed or 500.
+
+    So may one that started within KILL_WINDOW after: until the server notices the
+    death, a request can still reach the dying fork server's socket.
+    """
     when = kill.get("time")
     if when is None or outcome.key.startswith("engine:"):
         return False
     # A crash kind also ends "crashed" under the kill, but as ForkServerLost, not its own crash.
     excused = outcome.raw in KILLED_UNDER_IT - outcome.expected or outcome.ename == "ForkServerLost"
-    return outcome.started <= when <= outcome.ended and excused
+    return outcome.started <= when + KILL_WINDOW and outcome.ended >= when and excused
 
 
 def run_rows(report: Report, outcomes: list[Outcome], kill: dict[str, Any]) -> None:
