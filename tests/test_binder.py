@@ -41,6 +41,7 @@ def copy_repository(dest: Path) -> Path:
     """What repo2docker builds from: the checkout without its git metadata and caches."""
     junk = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".*_cache", "*.egg-info")
     shutil.copytree(REPO, dest, ignore=junk)
+    os.chmod(dest, 0o755)  # the checkout may sit in a 0700 dir (mktemp -d); copytree copies that mode
     return dest
 
 
